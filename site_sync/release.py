@@ -1,0 +1,87 @@
+"""A release: the site's files, named by a hash of their paths and contents.
+
+The Pulumi program and the deployer both compute the id from the same function, so a changed
+site is a new release and an unchanged one is recognised as already deployed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+RELEASE_ID_LENGTH = 20
+# Names the node keeps for itself; a site that contains them is refused, not half-served.
+RESERVED_TOP_LEVEL = frozenset({".well-known/edgecdn"})
+_CHUNK = 1 << 20
+
+
+class SiteError(Exception):
+    """The site directory cannot become a release."""
+
+
+@dataclass(frozen=True)
+class SiteFile:
+    """One regular file of the site, by its path relative to the site root."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+def scan_site(site_dir: Path) -> list[SiteFile]:
+    """Every regular file under site_dir, sorted by path; refuses links and special files."""
+    root = Path(site_dir)
+    if not (root / "index.html").is_file():
+        raise SiteError(f"{root} has no index.html; point siteDir at the generated site")
+    files: list[SiteFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            mode = full.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise SiteError(
+                    f"{rel} is a symbolic link; edgecdn ships regular files only, so copy the "
+                    "target into the site instead"
+                )
+            if not stat.S_ISREG(mode):
+                raise SiteError(f"{rel} is not a regular file; remove it from the site")
+            _check_path(rel)
+            files.append(SiteFile(rel, full.stat().st_size, _sha256(full)))
+    files.sort(key=lambda f: f.path)
+    return files
+
+
+def _check_path(rel: str) -> None:
+    for reserved in RESERVED_TOP_LEVEL:
+        if rel == reserved or rel.startswith(reserved + "/"):
+            raise SiteError(f"{rel} is inside {reserved}/, which the nodes answer themselves")
+    if any(ord(c) < 0x20 or c == "\x7f" or c == "\\" for c in rel):
+        raise SiteError(f"{rel!r} has a control character or backslash in its name; rename it")
+    if len(rel.encode()) > 1024 or any(len(p.encode()) > 255 for p in PurePosixPath(rel).parts):
+        raise SiteError(f"{rel!r} is too long a path for the nodes' file system")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def release_id(files: list[SiteFile]) -> str:
+    """The content hash of a site: changes whenever a path or a byte changes."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
+    return digest.hexdigest()[:RELEASE_ID_LENGTH]
+
+
+def release_id_of(site_dir: Path) -> str:
+    """The release id of the site as it is on disk now."""
+    return release_id(scan_site(site_dir))
