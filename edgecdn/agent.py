@@ -1,0 +1,767 @@
+"""edgecdn deploy agent: the only program a node's deploy key may run (SSH forced command).
+
+Verbs arrive in SSH_ORIGINAL_COMMAND (or argv, for local use by the bootstrap and the lab).
+Every argument is checked against a strict pattern; no shell is ever involved; the agent reads
+and writes only under the node root and the TLS directory. Output is one JSON object.
+
+This file runs on the node with the Python standard library alone. It is installed with
+LAYOUT filled in by edgecdn.node_files.render_agent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LAYOUT: dict = {}  # filled in by edgecdn.node_files.render_agent
+
+RELEASE_ID = re.compile(r"^[0-9a-f]{20}$")
+MAX_COMMAND = 4096
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_MANIFEST_FILES = 200_000
+MAX_CERT_BYTES = 64 << 10
+MAX_RULES = 2000
+STAGING_STALE_SECONDS = 3600
+HEALTH_PATH = "/.well-known/edgecdn/health"
+HEALTH_MARKER = "edgecdn-ok"
+FINGERPRINT = r"[.\-_~][0-9a-zA-Z]*([0-9a-f]{8,}|[0-9A-Za-z]{10,}[0-9][0-9A-Za-z]*)\.[a-z0-9]+$"
+
+
+class AgentError(Exception):
+    """A refused or failed request; the message is safe to show the deployer."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- paths
+
+
+class Paths:
+    """Every path the agent may touch, derived from the layout."""
+
+    def __init__(self, layout: dict) -> None:
+        self.layout = layout
+        self.root = Path(layout["root"])
+        self.releases = self.root / "releases"
+        self.staging = self.root / "staging"
+        self.meta = self.root / "meta"
+        self.state = Path(layout["root"]) / "state"
+        self.site_snippet = self.state / "site.caddy"
+        self.current = self.root / "current"
+        self.previous = self.root / "previous"
+        self.tls = Path(layout["tls_dir"])
+        self.cert = self.tls / "fullchain.pem"
+        self.key = self.tls / "key.pem"
+        self.cert_installed = self.tls / "installed"
+
+    def release(self, release_id: str) -> Path:
+        return self.releases / _checked_release(release_id)
+
+    def link_target(self, link: Path) -> str | None:
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None
+        name = Path(target).name
+        return name if RELEASE_ID.match(name) else None
+
+
+def _checked_release(release_id: str) -> str:
+    if not RELEASE_ID.match(release_id):
+        raise AgentError(f"{release_id[:40]!r} is not a release id (20 lower-case hex digits)")
+    return release_id
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_symlink(link: Path, target: str) -> None:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _read_stdin(limit: int) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise AgentError(f"input is larger than {limit} bytes")
+    return data
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _make_tree_writable(path: Path) -> None:
+    # Releases are read-only (0555 directories); deleting one needs write access back.
+    for dirpath, dirnames, _ in os.walk(path):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - released files are public web content
+        for d in dirnames:
+            full = Path(dirpath) / d
+            if not full.is_symlink():
+                os.chmod(full, 0o755)  # noqa: S103 - as above
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        _make_tree_writable(path)
+        shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def release_id_of(entries: list[dict]) -> str:
+    """The content hash over the site's own files (the same formula as site_sync.release)."""
+    digest = hashlib.sha256()
+    for e in sorted((e for e in entries if not e.get("derived")), key=lambda e: e["path"]):
+        digest.update(f"{e['path']}\0{e['size']}\0{e['sha256']}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _valid_rel_path(rel: str) -> bool:
+    if not rel or rel.startswith("/") or "\\" in rel or len(rel.encode()) > 1024:
+        return False
+    if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def parse_manifest(data: bytes, release_id: str) -> list[dict]:
+    """Check the manifest's shape and that it hashes to the release id."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AgentError("manifest is not JSON") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, list) or not files or len(files) > MAX_MANIFEST_FILES:
+        raise AgentError("manifest needs a 'files' list of 1 to 200000 entries")
+    seen = set()
+    for e in files:
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("path"), str)
+            and _valid_rel_path(e["path"])
+            and isinstance(e.get("size"), int)
+            and e["size"] >= 0
+            and isinstance(e.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
+            and isinstance(e.get("derived", False), bool)
+        ):
+            raise AgentError(f"manifest entry is malformed: {str(e)[:200]}")
+        if e["path"] in seen:
+            raise AgentError(f"manifest lists {e['path']!r} twice")
+        seen.add(e["path"])
+    for e in files:
+        if e.get("derived"):
+            base, _, ext = e["path"].rpartition(".")
+            if ext not in ("br", "gz") or base not in seen:
+                raise AgentError(f"derived file {e['path']!r} has no source file in the release")
+    if release_id_of(files) != release_id:
+        raise AgentError("manifest does not hash to the release id; the upload is not that release")
+    if "index.html" not in seen:
+        raise AgentError("release has no index.html")
+    return files
+
+
+def verify_tree(tree: Path, files: list[dict]) -> None:
+    """The staged tree holds exactly the manifest's files: no more, no less, no links."""
+    expected = {e["path"]: e for e in files}
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(tree).as_posix()
+            mode = full.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise AgentError(f"{rel!r} is not a regular file; releases hold regular files only")
+            entry = expected.get(rel)
+            if entry is None:
+                raise AgentError(f"{rel!r} is not in the manifest")
+            if full.stat().st_size != entry["size"] or _sha256(full) != entry["sha256"]:
+                raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
+            found.add(rel)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise AgentError(f"{len(missing)} files are missing from the upload, e.g. {missing[0]!r}")
+
+
+# ---------------------------------------------------------------- _redirects and _headers
+
+_SAFE_TARGET = re.compile(r"^(/|https?://[A-Za-z0-9.-]+(:\d+)?/?)[A-Za-z0-9._~!$&'()*+,;=:@%/?#-]*$")
+_SAFE_SOURCE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+_REDIRECT_STATUSES = {"200", "301", "302", "307", "308"}
+_PROTECTED_HEADERS = {"x-edge-node", "x-edge-release", "strict-transport-security"}
+
+
+def _pattern_regex(pattern: str) -> tuple[str, list[str]]:
+    """A Netlify/Cloudflare path pattern as an anchored regex and its capture names."""
+    names: list[str] = []
+    parts = []
+    for i, segment in enumerate(pattern.split("/")):
+        if segment.startswith(":") and re.fullmatch(r":[A-Za-z_][A-Za-z0-9_]*", segment):
+            names.append(segment[1:])
+            parts.append("([^/]+)")
+            continue
+        chunks = segment.split("*")
+        out = []
+        for j, chunk in enumerate(chunks):
+            out.append(re.escape(chunk))
+            if j < len(chunks) - 1:
+                names.append("splat")
+                out.append("(.*)")
+        parts.append("".join(out) if i else "")
+    return "^" + "/".join(parts) + "$", names
+
+
+def _caddy_quote(text: str) -> str:
+    # The Caddyfile lexer unescapes only \" inside quotes; a backslash is otherwise literal,
+    # which regexes rely on. Callers never pass a value ending in a backslash.
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def _substitute(target: str, names: list[str], rule: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in names:
+            return m.group(0)
+        return "{re." + rule + "." + str(names.index(name) + 1) + "}"
+
+    return re.sub(r":([A-Za-z_][A-Za-z0-9_]*)", repl, target)
+
+
+def compile_redirects(text: str) -> list[str]:
+    """_redirects lines as Caddy directives, in file order."""
+    out: list[str] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip() if not raw.strip().startswith("#") else ""
+        if not line:
+            continue
+        fields = line.split()
+        where = f"_redirects line {lineno}"
+        if len(fields) not in (2, 3):
+            raise AgentError(f"{where}: expected 'from to [status]', got {line[:120]!r}")
+        source, target = fields[0], fields[1]
+        status = fields[2] if len(fields) == 3 else "301"
+        if status.endswith("!"):
+            status = status[:-1]
+        if status not in _REDIRECT_STATUSES:
+            raise AgentError(f"{where}: status {status!r} is not one of 200, 301, 302, 307, 308")
+        if not _SAFE_SOURCE.match(source):
+            raise AgentError(f"{where}: {source[:120]!r} is not a path starting with '/'")
+        if not _SAFE_TARGET.match(target) or "{" in target or "}" in target:
+            raise AgentError(f"{where}: {target[:120]!r} is not a path or http(s) URL")
+        if status == "200" and not target.startswith("/"):
+            raise AgentError(f"{where}: a 200 rewrite must point at a path on this site, not a URL")
+        rule = f"r{len(out)}"
+        regex, names = _pattern_regex(source)
+        target = _substitute(target, names, rule)
+        matcher = f"@{rule} path_regexp {rule} {_caddy_quote(regex)}"
+        if status == "200":
+            out.append(f"{matcher}\nrewrite @{rule} {_caddy_quote(target)}")
+        else:
+            out.append(f"{matcher}\nredir @{rule} {_caddy_quote(target)} {status}")
+        if len(out) > MAX_RULES:
+            raise AgentError(f"_redirects has more than {MAX_RULES} rules")
+    return out
+
+
+def compile_headers(text: str) -> list[str]:
+    """_headers blocks as Caddy header directives, in file order."""
+    out: list[str] = []
+    rule: str | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"_headers line {lineno}"
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if not raw[0].isspace():
+            pattern = raw.strip()
+            if not _SAFE_SOURCE.match(pattern):
+                raise AgentError(f"{where}: {pattern[:120]!r} is not a path pattern starting with '/'")
+            rule = f"h{len(out)}"
+            regex, _ = _pattern_regex(pattern)
+            out.append(f"@{rule} path_regexp {_caddy_quote(regex)}")
+            continue
+        if rule is None:
+            raise AgentError(f"{where}: a header line must follow a path pattern")
+        line = raw.strip()
+        if line.startswith("!"):
+            name, value = line[1:].strip(), None
+        elif ":" in line:
+            name, value = (s.strip() for s in line.split(":", 1))
+        else:
+            raise AgentError(f"{where}: expected 'Name: value' or '! Name'")
+        if not _HEADER_NAME.match(name) or name.lower() in _PROTECTED_HEADERS:
+            raise AgentError(f"{where}: {name[:100]!r} is not a header name a site may set")
+        if value is None:
+            out.append(f"header @{rule} -{name}")
+            continue
+        if len(value) > 2000 or any(ord(c) < 0x20 or c in "{}\\\x7f" for c in value):
+            raise AgentError(f"{where}: the value of {name} has a control character, brace or backslash")
+        out.append(f"header @{rule} {name} {_caddy_quote(value)}")
+        if len(out) > MAX_RULES:
+            raise AgentError(f"_headers has more than {MAX_RULES} rules")
+    return out
+
+
+def compile_rules(tree: Path) -> dict:
+    """The release's own _redirects and _headers, checked and compiled."""
+    rules: dict = {"redirects": [], "headers": []}
+    for name, compile_fn in (("_redirects", compile_redirects), ("_headers", compile_headers)):
+        path = tree / name
+        if path.is_file():
+            if path.stat().st_size > 1 << 20:
+                raise AgentError(f"{name} is larger than 1 MiB")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise AgentError(f"{name} is not UTF-8 text") from None
+            rules[name.lstrip("_")] = compile_fn(text)
+    return rules
+
+
+# ---------------------------------------------------------------- the served site
+
+
+def _indent(lines: list[str], depth: int) -> str:
+    pad = "\t" * depth
+    return "".join(pad + line + "\n" for chunk in lines for line in chunk.splitlines())
+
+
+def _serve_from(release_dir: str, tag: str, depth: int) -> str:
+    """Routes that serve a request from one release when the file exists there."""
+    serve = [
+        "rewrite {http.matchers.file.relative}",
+        f"root * {release_dir}",
+        # Deferred defaults ("?": only if _headers set none) apply last-registered first,
+        # so the most specific comes last.
+        'header ?Cache-Control "public, max-age=3600"',
+        f"@fingerprinted path_regexp {_caddy_quote(FINGERPRINT)}",
+        'header @fingerprinted ?Cache-Control "public, max-age=31536000, immutable"',
+        "@html path *.html",
+        'header @html ?Cache-Control "no-cache"',
+        "header Vary Accept-Encoding",
+        "file_server {\n\tprecompressed br gzip\n\tdisable_canonical_uris\n}",
+    ]
+    blocks = []
+    for kind, path_match, tries in (
+        ("dir", "path */", "{path}index.html"),
+        ("file", "not path */", "{path} {path}.html"),
+    ):
+        blocks.append(
+            f"@{tag}_{kind} {{\n\t{path_match}\n\tfile {{\n\t\troot {release_dir}\n"
+            f"\t\ttry_files {tries}\n\t}}\n}}\nroute @{tag}_{kind} {{\n" + _indent(serve, 1) + "}"
+        )
+    return _indent(blocks, depth)
+
+
+def _canonical_redirects(release_dir: str, depth: int) -> str:
+    """One URL per page: /a/index.html -> /a/, /a.html -> /a, /a -> /a/ (directory), /a/ -> /a."""
+    rules = [
+        # /x/index.html -> /x/
+        "@idx path_regexp idx ^(.*/)index\\.html$",
+        "route @idx {\n\t@idx_q expression {query} != ''\n\tredir @idx_q {re.idx.1}?{query} 308\n"
+        "\tredir {re.idx.1} 308\n}",
+        # /x.html -> /x
+        "@dothtml path_regexp dothtml ^(/.+)\\.html$",
+        "route @dothtml {\n\t@dothtml_q expression {query} != ''\n"
+        "\tredir @dothtml_q {re.dothtml.1}?{query} 308\n\tredir {re.dothtml.1} 308\n}",
+        # /x -> /x/ when x is a directory with an index and there is no x.html
+        f"@todir {{\n\tnot path */\n\tnot file {{\n\t\troot {release_dir}\n\t\ttry_files {{path}} "
+        f"{{path}}.html\n\t}}\n\tfile {{\n\t\troot {release_dir}\n\t\ttry_files {{path}}/index.html\n\t}}\n}}",
+        "route @todir {\n\t@todir_q expression {query} != ''\n\tredir @todir_q {path}/?{query} 308\n"
+        "\tredir {path}/ 308\n}",
+        # /x/ -> /x when only x.html exists
+        "@slash path_regexp slash ^(/.+)/$",
+        f"route @slash {{\n\t@tofile {{\n\t\tnot file {{\n\t\t\troot {release_dir}\n\t\t\ttry_files "
+        f"{{path}}index.html\n\t\t}}\n\t\tfile {{\n\t\t\troot {release_dir}\n\t\t\ttry_files "
+        "{re.slash.1}.html\n\t\t}\n\t}\n\t@tofile_q expression {query} != ''\n"
+        "\tredir @tofile_q {re.slash.1}?{query} 308\n\tredir @tofile {re.slash.1} 308\n}",
+    ]
+    return _indent(rules, depth)
+
+
+def render_site(layout: dict, current: str | None, previous: str | None, rules: dict, cert_ready: bool) -> str:
+    """The Caddy snippet for the site block: health, rules, pretty URLs, skew protection."""
+    node = layout["node_name"]
+    releases = f"{layout['root']}/releases"
+    head = [
+        "header {",
+        f"\tX-Edge-Node {_caddy_quote(node)}",
+        f"\tX-Edge-Release {_caddy_quote(current or 'none')}",
+        '\tStrict-Transport-Security "max-age=31536000"',
+        "\t-Server",
+        "}",
+    ]
+    if current and cert_ready:
+        health = f"respond {_caddy_quote(f'{HEALTH_MARKER} release={current} node={node}')} 200"
+    else:
+        why = "no release is active" if not current else "no certificate is installed"
+        health = f"respond {_caddy_quote(f'edgecdn-unready: {why}')} 503"
+    text = _indent(head, 0)
+    text += f"handle {HEALTH_PATH} {{\n\theader Cache-Control no-store\n\t{health}\n}}\n"
+    if not current:
+        return text + 'handle {\n\trespond "no release is active on this node" 503\n}\n'
+    cur = f"{releases}/{current}"
+    redirects = rules.get("redirects", [])
+    rewrites = [r for r in redirects if "\nrewrite " in r]
+    # Order: the site's headers, its redirects, the canonical-URL redirects, and only then its
+    # 200 rewrites, so a rewritten path is served, never redirected again.
+    body = _indent(rules.get("headers", []) + [r for r in redirects if r not in rewrites], 1)
+    body += _canonical_redirects(cur, 1)
+    body += _indent(rewrites, 1)
+    body += _serve_from(cur, "cur", 1)
+    if previous:
+        body += _serve_from(f"{releases}/{previous}", "prev", 1)
+    not_found = [
+        'header Cache-Control "no-cache"',
+        f"root * {cur}",
+        "@has404 file /404.html",
+        "route @has404 {\n\trewrite * /404.html\n\tfile_server {\n\t\tstatus 404\n\t}\n}",
+        'respond "Not Found" 404',
+    ]
+    body += _indent(not_found, 1)
+    return text + "handle {\n\troute {\n" + body + "\t}\n}\n"
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
+
+
+def _reload_caddy(layout: dict) -> None:
+    result = _run(
+        [
+            layout["caddy_bin"],
+            "reload",
+            "--config",
+            layout["caddyfile"],
+            "--adapter",
+            "caddyfile",
+            "--address",
+            f"unix/{layout['admin_socket']}",
+            "--force",
+        ]
+    )
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise AgentError(f"the web server refused the new configuration: {detail[0][:300]}", "reload")
+
+
+def _rules_of(paths: Paths, release_id: str | None) -> dict:
+    if not release_id:
+        return {}
+    try:
+        return json.loads((paths.meta / f"{release_id}.json").read_text())["rules"]
+    except (OSError, ValueError, KeyError):
+        raise AgentError(f"release {release_id} has no record; finalize it again", "state") from None
+
+
+def _write_site(paths: Paths, current: str | None, previous: str | None) -> None:
+    snippet = render_site(paths.layout, current, previous, _rules_of(paths, current), paths.cert_installed.exists())
+    _atomic_write(paths.site_snippet, snippet.encode(), 0o644)
+
+
+def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
+    """Point current/previous at releases and make the web server serve them, or change nothing."""
+    old = (paths.link_target(paths.current), paths.link_target(paths.previous))
+    old_snippet = paths.site_snippet.read_bytes() if paths.site_snippet.exists() else None
+    _write_site(paths, current, previous)
+    for link, target in ((paths.previous, previous), (paths.current, current)):
+        if target:
+            _atomic_symlink(link, f"releases/{target}")
+    try:
+        _reload_caddy(paths.layout)
+    except AgentError:
+        for link, target in ((paths.previous, old[1]), (paths.current, old[0])):
+            if target:
+                _atomic_symlink(link, f"releases/{target}")
+            else:
+                link.unlink(missing_ok=True)
+        if old_snippet is not None:
+            _atomic_write(paths.site_snippet, old_snippet, 0o644)
+        raise
+
+
+def do_init(paths: Paths) -> dict:
+    """Create the node's directories, a placeholder certificate and the not-ready site."""
+    for d in (paths.root, paths.releases, paths.staging, paths.meta, paths.state):
+        d.mkdir(parents=True, exist_ok=True)
+    paths.tls.mkdir(parents=True, exist_ok=True)
+    if not paths.cert.exists() or not paths.key.exists():
+        # Caddy will not start without a certificate; health stays 503 until a real one arrives.
+        result = _run(
+            [
+                paths.layout["openssl_bin"], "req", "-x509", "-newkey", "ec",
+                "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", "/CN=edgecdn-placeholder", "-keyout", str(paths.key), "-out", str(paths.cert),
+            ]
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise AgentError("could not make a placeholder certificate", "init")
+        os.chmod(paths.key, 0o640)
+        paths.cert_installed.unlink(missing_ok=True)
+    if not paths.site_snippet.exists():
+        current = paths.link_target(paths.current)
+        _write_site(paths, current, paths.link_target(paths.previous))
+    return {"initialized": str(paths.root)}
+
+
+def do_finalize(paths: Paths, release_id: str) -> dict:
+    """Check a staged upload against its manifest (stdin) and make it an immutable release."""
+    _checked_release(release_id)
+    target = paths.release(release_id)
+    manifest = _read_stdin(MAX_MANIFEST_BYTES)
+    if target.exists():
+        _remove_tree(paths.staging / release_id)
+        return {"release": release_id, "finalized": True, "already": True}
+    files = parse_manifest(manifest, release_id)
+    staged = paths.staging / release_id
+    if not staged.is_dir() or staged.is_symlink():
+        raise AgentError(f"release {release_id} has not been uploaded")
+    verify_tree(staged, files)
+    rules = compile_rules(staged)
+    record = {"release": release_id, "files": len(files), "finalized_at": int(time.time()), "rules": rules}
+    _atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
+    for dirpath, _, filenames in os.walk(staged):
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o444)
+    os.rename(staged, target)
+    for dirpath, _, _ in os.walk(target, topdown=False):
+        os.chmod(dirpath, 0o555)  # noqa: S103 - released files are public web content
+    return {"release": release_id, "finalized": True, "already": False, "files": len(files)}
+
+
+def do_activate(paths: Paths, release_id: str) -> dict:
+    """Serve a finalized release; the one it replaces becomes previous."""
+    target = paths.release(release_id)
+    if not target.is_dir() or not (paths.meta / f"{release_id}.json").exists():
+        raise AgentError(f"release {release_id} is not finalized on this node", "missing")
+    current = paths.link_target(paths.current)
+    previous = paths.link_target(paths.previous)
+    if current == release_id:
+        _write_site(paths, current, previous)
+        _reload_caddy(paths.layout)
+        return {"active": release_id, "previous": previous, "changed": False}
+    _switch(paths, release_id, current or previous)
+    return {"active": release_id, "previous": current or previous, "changed": True}
+
+
+def do_rollback(paths: Paths) -> dict:
+    """Serve the previous release again; the current one becomes previous."""
+    current = paths.link_target(paths.current)
+    previous = paths.link_target(paths.previous)
+    if not previous or not paths.release(previous).is_dir():
+        raise AgentError("there is no previous release to roll back to", "missing")
+    _switch(paths, previous, current)
+    return {"active": previous, "previous": current, "changed": True}
+
+
+def _cert_facts(paths: Paths, pem: bytes) -> dict:
+    openssl = paths.layout["openssl_bin"]
+    result = _run([openssl, "x509", "-noout", "-enddate", "-ext", "subjectAltName", "-pubkey"], pem)
+    if result.returncode != 0:
+        raise AgentError("the certificate is not a PEM X.509 certificate")
+    out = result.stdout.decode()
+    end = re.search(r"notAfter=(.+)", out)
+    names = re.findall(r"DNS:([^,\s]+)", out)
+    pubkey = re.search(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", out, re.S)
+    if not end or not pubkey:
+        raise AgentError("the certificate has no expiry date or public key")
+    not_after = dt.datetime.strptime(end.group(1).strip(), "%b %d %H:%M:%S %Y %Z")
+    return {
+        "not_after": not_after.replace(tzinfo=dt.UTC).isoformat(),
+        "names": names,
+        "pubkey": pubkey.group(0),
+    }
+
+
+def _covers(names: list[str], host: str) -> bool:
+    return any(name == host or (name.startswith("*.") and host.split(".", 1)[-1] == name[2:]) for name in names)
+
+
+def do_install_cert(paths: Paths) -> dict:
+    """Install the certificate chain and key from stdin after checking them."""
+    data = _read_stdin(MAX_CERT_BYTES)
+    try:
+        doc = json.loads(data)
+        chain, key = doc["chain_pem"].encode(), doc["key_pem"].encode()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise AgentError("expected JSON {chain_pem, key_pem} on standard input") from None
+    facts = _cert_facts(paths, chain)
+    missing = [n for n in [paths.layout["domain"], *paths.layout["aliases"]] if not _covers(facts["names"], n)]
+    if missing:
+        raise AgentError(f"the certificate does not cover {', '.join(missing)}")
+    if dt.datetime.fromisoformat(facts["not_after"]) <= dt.datetime.now(dt.UTC):
+        raise AgentError(f"the certificate expired at {facts['not_after']}")
+    key_pub = _run([paths.layout["openssl_bin"], "pkey", "-pubout"], key)
+    if key_pub.returncode != 0:
+        raise AgentError("the key is not a PEM private key")
+    if key_pub.stdout.decode().strip() != facts["pubkey"].strip():
+        raise AgentError("the private key does not belong to the certificate")
+    unchanged = paths.cert_installed.exists() and paths.cert.read_bytes() == chain and paths.key.read_bytes() == key
+    if not unchanged:
+        _atomic_write(paths.key, key, 0o640)
+        _atomic_write(paths.cert, chain, 0o644)
+        _atomic_write(paths.cert_installed, facts["not_after"].encode(), 0o644)
+        _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
+        _reload_caddy(paths.layout)
+    return {"certificate": {"not_after": facts["not_after"], "names": facts["names"]}, "changed": not unchanged}
+
+
+def do_status(paths: Paths) -> dict:
+    """What this node serves and holds."""
+    releases = (
+        sorted(p.name for p in paths.releases.iterdir() if RELEASE_ID.match(p.name)) if paths.releases.is_dir() else []
+    )
+    staged = (
+        sorted(p.name for p in paths.staging.iterdir() if RELEASE_ID.match(p.name)) if paths.staging.is_dir() else []
+    )
+    cert = None
+    if paths.cert_installed.exists():
+        facts = _cert_facts(paths, paths.cert.read_bytes())
+        cert = {"not_after": facts["not_after"], "names": facts["names"]}
+    return {
+        "node": paths.layout["node_name"],
+        "active": paths.link_target(paths.current),
+        "previous": paths.link_target(paths.previous),
+        "releases": releases,
+        "staged": staged,
+        "certificate": cert,
+    }
+
+
+def do_prune(paths: Paths, keep: int) -> dict:
+    """Delete releases beyond the newest `keep` (never current or previous) and stale uploads."""
+    protected = {paths.link_target(paths.current), paths.link_target(paths.previous)}
+    finalized = []
+    for p in paths.releases.iterdir():
+        if RELEASE_ID.match(p.name):
+            meta = paths.meta / f"{p.name}.json"
+            finalized.append((meta.stat().st_mtime if meta.exists() else 0, p.name))
+    finalized.sort(reverse=True)
+    removed = []
+    for _, name in finalized[keep:]:
+        if name not in protected:
+            _remove_tree(paths.releases / name)
+            (paths.meta / f"{name}.json").unlink(missing_ok=True)
+            removed.append(name)
+    now = time.time()
+    for p in paths.staging.iterdir():
+        if now - p.lstat().st_mtime > STAGING_STALE_SECONDS:
+            _remove_tree(p)
+            removed.append(f"staging/{p.name}")
+    return {"removed": removed}
+
+
+def do_receive(paths: Paths, command: str) -> None:
+    """Hand an rsync upload to rrsync, confined to the staging directory, write-only."""
+    os.environ["SSH_ORIGINAL_COMMAND"] = command
+    rrsync = paths.layout["rrsync_bin"]
+    os.execv(rrsync, [rrsync, "-wo", "-munge", str(paths.staging)])  # noqa: S606 - fixed path, no shell
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def dispatch(words: list[str], paths: Paths, local: bool) -> dict:
+    """Run one verb; every argument is validated here."""
+    verb, args = words[0], words[1:]
+    if verb == "finalize" and len(args) == 1:
+        return do_finalize(paths, args[0])
+    if verb == "activate" and len(args) == 1:
+        return do_activate(paths, _checked_release(args[0]))
+    if verb == "rollback" and not args:
+        return do_rollback(paths)
+    if verb == "status" and not args:
+        return do_status(paths)
+    if verb == "prune" and len(args) <= 1:
+        keep = args[0] if args else "3"
+        if not re.fullmatch(r"[0-9]{1,2}", keep) or int(keep) < 2:
+            raise AgentError("prune takes a number of releases to keep, 2 to 99")
+        return do_prune(paths, int(keep))
+    if verb == "install-cert" and not args:
+        return do_install_cert(paths)
+    if verb == "init" and not args and local:
+        return do_init(paths)
+    raise AgentError(
+        f"unknown or malformed request {' '.join(words)[:80]!r}; verbs: finalize ID, activate ID, "
+        "rollback, status, prune [N], install-cert, and rsync uploads"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve one request and print one JSON object."""
+    os.umask(0o022)
+    paths = Paths(LAYOUT)
+    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    try:
+        if original is not None:
+            if len(original) > MAX_COMMAND:
+                raise AgentError("request is too long")
+            try:
+                words = shlex.split(original)
+            except ValueError:
+                raise AgentError("request is not a well-formed command line") from None
+            if words[:2] == ["rsync", "--server"]:
+                if "--sender" in words:
+                    raise AgentError("downloads are not allowed; the deploy key only uploads")
+                do_receive(paths, original)
+            local = False
+        else:
+            words = list(sys.argv[1:] if argv is None else argv)
+            local = True
+        if not words:
+            raise AgentError("no request given; this key only runs the edgecdn deploy agent")
+        result = dispatch(words, paths, local)
+        print(json.dumps({"ok": True, **result}))
+        return 0
+    except AgentError as exc:
+        print(json.dumps({"ok": False, "error": exc.code, "message": str(exc)}))
+        return 2
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(json.dumps({"ok": False, "error": "internal", "message": f"{type(exc).__name__}: {exc}"}))
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
