@@ -1,0 +1,94 @@
+"""SiteCertificate: one ACME certificate for every name, issued by the deployer, never a node.
+
+DNS-01 through Route53 from the machine running `pulumi up`, so no node ever holds Route53
+write access; a CAA record limits issuance to the configured CA. A later `pulumi up` renews
+the certificate once fewer than certMinDaysRemaining days are left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_tls as tls
+import pulumiverse_acme as acme
+
+
+@dataclass(frozen=True)
+class SiteCertificateArgs:
+    """Names, zone and CA for the certificate."""
+
+    domain: str
+    zone_id: str
+    acme_email: str
+    acme_server: str
+    caa_issuer: str
+    aliases: tuple[str, ...] = ()
+    min_days_remaining: int = 30
+
+
+def caa_records(issuer: str) -> list[str]:
+    """Only the configured CA may issue, and nobody may issue wildcards."""
+    return [f'0 issue "{issuer}"', '0 issuewild ";"']
+
+
+def join_chain(parts: list[str]) -> str:
+    """Leaf then issuer, as one PEM chain."""
+    return "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+
+
+class SiteCertificate(pulumi.ComponentResource):
+    """The certificate chain (public) and its private key (secret)."""
+
+    chain_pem: pulumi.Output[str]
+    private_key_pem: pulumi.Output[str]
+    not_after: pulumi.Output[str]
+
+    def __init__(self, name: str, args: SiteCertificateArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("edgecdn:index:SiteCertificate", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        caa = aws.route53.Record(
+            f"{name}-caa",
+            zone_id=args.zone_id,
+            name=args.domain,
+            type="CAA",
+            ttl=300,
+            records=caa_records(args.caa_issuer),
+            opts=child,
+        )
+        provider = acme.Provider(f"{name}-acme", server_url=args.acme_server, opts=child)
+        account_key = tls.PrivateKey(f"{name}-account-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
+        registration = acme.Registration(
+            f"{name}-registration",
+            account_key_pem=account_key.private_key_pem,
+            email_address=args.acme_email,
+            opts=pulumi.ResourceOptions(parent=self, provider=provider),
+        )
+        certificate = acme.Certificate(
+            f"{name}-certificate",
+            account_key_pem=registration.account_key_pem,
+            common_name=args.domain,
+            subject_alternative_names=list(args.aliases),
+            key_type="P256",
+            min_days_remaining=args.min_days_remaining,
+            dns_challenges=[
+                {
+                    "provider": "route53",
+                    # Route53's API lives in us-east-1 whatever region the deployer uses.
+                    "config": {"AWS_HOSTED_ZONE_ID": args.zone_id, "AWS_REGION": "us-east-1"},
+                }
+            ],
+            # The CAA record goes first: a CA refusal then shows before a rate-limited order.
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                provider=provider,
+                depends_on=[caa],
+                additional_secret_outputs=["privateKeyPem", "certificateP12"],
+            ),
+        )
+        self.chain_pem = pulumi.Output.all(certificate.certificate_pem, certificate.issuer_pem).apply(join_chain)
+        self.private_key_pem = pulumi.Output.secret(certificate.private_key_pem)
+        self.not_after = certificate.certificate_not_after
+        self.register_outputs({"chainPem": self.chain_pem, "notAfter": self.not_after})
