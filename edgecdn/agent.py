@@ -377,7 +377,7 @@ def _serve_from(release_dir: str, tag: str, depth: int) -> str:
         'header @fingerprinted ?Cache-Control "public, max-age=31536000, immutable"',
         "@html path *.html",
         'header @html ?Cache-Control "no-cache"',
-        "header Vary Accept-Encoding",
+        "header ?Vary Accept-Encoding",
         "file_server {\n\tprecompressed br gzip\n\tdisable_canonical_uris\n}",
     ]
     blocks = []
@@ -658,8 +658,9 @@ def do_status(paths: Paths) -> dict:
     )
     cert = None
     if paths.cert_installed.exists():
-        facts = _cert_facts(paths, paths.cert.read_bytes())
-        cert = {"not_after": facts["not_after"], "names": facts["names"]}
+        chain = paths.cert.read_bytes()
+        facts = _cert_facts(paths, chain)
+        cert = {"not_after": facts["not_after"], "names": facts["names"], "sha256": hashlib.sha256(chain).hexdigest()}
     return {
         "node": paths.layout["node_name"],
         "active": paths.link_target(paths.current),

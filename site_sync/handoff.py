@@ -37,6 +37,7 @@ class NodeTarget:
     user: str
     host_key: str
     region: str = ""
+    https_port: int = 443
 
 
 @dataclass(frozen=True)

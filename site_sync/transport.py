@@ -1,0 +1,147 @@
+"""Talking to a node's deploy agent: ssh and rsync as argv lists, host keys pinned.
+
+The deploy key lives in a private temporary directory for the duration of a deploy and is
+never put on a command line; the only host key accepted for a node is the one in the handoff.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from site_sync.handoff import NodeTarget
+
+SSH_CONNECT_TIMEOUT = 10
+COMMAND_TIMEOUT = 120
+UPLOAD_TIMEOUT = 1800
+
+
+class TransportError(Exception):
+    """The node could not be reached, or it refused the connection."""
+
+
+class AgentRefusedError(Exception):
+    """The agent answered and said no; retrying will not help."""
+
+    def __init__(self, node: str, verb: str, message: str) -> None:
+        super().__init__(f"{node}: {verb} refused: {message}")
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of the deploy key and the pinned known_hosts file."""
+
+    key_file: Path
+    known_hosts: Path
+
+
+def known_hosts_line(node: NodeTarget) -> str:
+    """The node's pinned host key as a known_hosts line."""
+    host = node.address if node.port == 22 else f"[{node.address}]:{node.port}"
+    return f"{host} {node.host_key}\n"
+
+
+@contextmanager
+def credentials(deploy_key: str, nodes: Sequence[NodeTarget]) -> Iterator[Credentials]:
+    """Write the key and the pinned host keys to a 0700 temporary directory, removed after."""
+    with tempfile.TemporaryDirectory(prefix="edgecdn-deploy-") as tmp:
+        key_file = Path(tmp) / "deploy_key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(deploy_key if deploy_key.endswith("\n") else deploy_key + "\n")
+        known_hosts = Path(tmp) / "known_hosts"
+        known_hosts.write_text("".join(known_hosts_line(n) for n in nodes))
+        yield Credentials(key_file, known_hosts)
+
+
+def ssh_options(creds: Credentials, node: NodeTarget) -> list[str]:
+    """ssh options: only our key, only the pinned host key, never a prompt."""
+    return [
+        "ssh",
+        "-F", "/dev/null",
+        "-i", str(creds.key_file),
+        "-o", "IdentitiesOnly=yes",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={creds.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "HostKeyAlgorithms=ssh-ed25519",
+        "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
+        "-o", "ServerAliveInterval=15",
+        "-o", "LogLevel=ERROR",
+        "-p", str(node.port),
+        "-l", node.user,
+    ]  # fmt: skip
+
+
+class Agent:
+    """One node's deploy agent."""
+
+    def __init__(self, node: NodeTarget, creds: Credentials) -> None:
+        self.node = node
+        self.creds = creds
+
+    def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT) -> dict:
+        """Run one agent verb; the JSON answer, AgentRefusedError, or TransportError."""
+        argv = [*ssh_options(self.creds, self.node), self.node.address, "--", *words]
+        try:
+            result = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise TransportError(f"{self.node.name}: {words[0]} took longer than {timeout:.0f} s") from None
+        answer = _json_line(result.stdout)
+        if answer is None:
+            detail = result.stderr.decode(errors="replace").strip() or f"ssh exit status {result.returncode}"
+            raise TransportError(f"{self.node.name} ({self.node.address}): {detail.splitlines()[-1][:300]}")
+        if not answer.get("ok"):
+            raise AgentRefusedError(self.node.name, words[0], str(answer.get("message", "no reason given")))
+        return answer
+
+    def wait_until_ready(self, seconds: float) -> dict:
+        """Poll `status` until the agent answers (a new node may still be booting)."""
+        deadline = time.monotonic() + seconds
+        delay = 2.0
+        while True:
+            try:
+                return self.call("status", timeout=30)
+            except TransportError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(f"gave up after {seconds:.0f} s; last error: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 1.5, 15.0)
+
+    def upload(self, source: Path, release_id: str) -> None:
+        """rsync the release directory into the node's staging area (through the agent)."""
+        remote_host = f"[{self.node.address}]" if ":" in self.node.address else self.node.address
+        argv = [
+            "rsync", "-rt", "--delete", "--chmod=D755,F644", "--timeout=60",
+            "-e", shlex.join(ssh_options(self.creds, self.node)),
+            f"{source}/", f"{remote_host}:{release_id}/",
+        ]  # fmt: skip
+        try:
+            result = subprocess.run(argv, capture_output=True, timeout=UPLOAD_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise TransportError(f"{self.node.name}: upload took longer than {UPLOAD_TIMEOUT} s") from None
+        if result.returncode != 0:
+            refused = _json_line(result.stdout)
+            if refused is not None and not refused.get("ok"):
+                raise AgentRefusedError(self.node.name, "upload", str(refused.get("message")))
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            raise TransportError(f"{self.node.name}: upload failed: {(detail or ['rsync failed'])[-1][:300]}")
+
+
+def _json_line(stdout: bytes) -> dict | None:
+    for line in reversed(stdout.decode(errors="replace").strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
