@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -33,9 +34,55 @@ MAX_MANIFEST_FILES = 200_000
 MAX_CERT_BYTES = 64 << 10
 MAX_RULES = 2000
 STAGING_STALE_SECONDS = 3600
+RESTART_TIMEOUT = 20
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
-FINGERPRINT = r"[.\-_~][0-9a-zA-Z]*([0-9a-f]{8,}|[0-9A-Za-z]{10,}[0-9][0-9A-Za-z]*)\.[a-z0-9]+$"
+# Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
+CONTENT_TYPES = {
+    "text/html; charset=utf-8": "html htm",
+    "text/css; charset=utf-8": "css",
+    "text/javascript; charset=utf-8": "js mjs",
+    "application/json": "json map",
+    "image/svg+xml": "svg",
+    "application/wasm": "wasm",
+    "font/woff2": "woff2",
+    "font/woff": "woff",
+    "image/avif": "avif",
+    "image/webp": "webp",
+    "application/manifest+json": "webmanifest",
+    "application/xml": "xml",
+    "text/plain; charset=utf-8": "txt",
+}
+# A name part right before the extension that looks like a content hash: 8+ lower-case hex with
+# both a digit and a letter (app.8d1e0f3a.js), or 8+ characters mixing upper case, lower case
+# and digits (index-BmF4dz3q.js). Dates, words and "screenshot2" are not hashes: a false match
+# would pin a changed file in browsers for a year, a miss only costs a revalidation.
+_SEGMENT = "[-._~]{}[.][a-z0-9]+$"
+FINGERPRINT_ALL = (
+    _SEGMENT.format("[0-9a-f]{8,}"),
+    _SEGMENT.format("[0-9a-f]*[0-9][0-9a-f]*"),
+    _SEGMENT.format("[0-9a-f]*[a-f][0-9a-f]*"),
+)
+FINGERPRINT_MIXED = (
+    _SEGMENT.format("[0-9A-Za-z]{8,}"),
+    _SEGMENT.format("[0-9A-Za-z]*[A-Z][0-9A-Za-z]*"),
+    _SEGMENT.format("[0-9A-Za-z]*[a-z][0-9A-Za-z]*"),
+    _SEGMENT.format("[0-9A-Za-z]*[0-9][0-9A-Za-z]*"),
+)
+
+
+def _fingerprint_expression() -> str:
+    """A CEL expression true for fingerprinted paths (Caddy's RE2 regexes cannot AND alone)."""
+
+    def all_of(patterns: tuple[str, ...]) -> str:
+        return " && ".join(f'{{path}}.matches("{p}")' for p in patterns)
+
+    return f"({all_of(FINGERPRINT_ALL)}) || ({all_of(FINGERPRINT_MIXED)})"
+
+
+def is_fingerprinted(path: str) -> bool:
+    """The same rule in Python, for tests and tools."""
+    return any(all(re.search(p, path) for p in group) for group in (FINGERPRINT_ALL, FINGERPRINT_MIXED))
 
 
 class AgentError(Exception):
@@ -365,6 +412,11 @@ def _indent(lines: list[str], depth: int) -> str:
     return "".join(pad + line + "\n" for chunk in lines for line in chunk.splitlines())
 
 
+def _content_type_rule(index: int, content_type: str, extensions: str) -> str:
+    patterns = " ".join(f"*.{ext}" for ext in extensions.split())
+    return f"@type{index} path {patterns}\nheader @type{index} Content-Type {_caddy_quote(content_type)}"
+
+
 def _serve_from(release_dir: str, tag: str, depth: int) -> str:
     """Routes that serve a request from one release when the file exists there."""
     serve = [
@@ -373,11 +425,12 @@ def _serve_from(release_dir: str, tag: str, depth: int) -> str:
         # Deferred defaults ("?": only if _headers set none) apply last-registered first,
         # so the most specific comes last.
         'header ?Cache-Control "public, max-age=3600"',
-        f"@fingerprinted path_regexp {_caddy_quote(FINGERPRINT)}",
+        f"@fingerprinted expression `{_fingerprint_expression()}`",
         'header @fingerprinted ?Cache-Control "public, max-age=31536000, immutable"',
         "@html path *.html",
         'header @html ?Cache-Control "no-cache"',
         "header ?Vary Accept-Encoding",
+        *(_content_type_rule(i, ctype, exts) for i, (ctype, exts) in enumerate(CONTENT_TYPES.items())),
         "file_server {\n\tprecompressed br gzip\n\tdisable_canonical_uris\n}",
     ]
     blocks = []
@@ -485,6 +538,32 @@ def _reload_caddy(layout: dict) -> None:
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise AgentError(f"the web server refused the new configuration: {detail[0][:300]}", "reload")
+
+
+def _restart_caddy(layout: dict) -> None:
+    """Stop Caddy through its admin socket; its supervisor starts it again.
+
+    Needed for a new certificate: Caddy 2.6's HTTP/3 listener keeps the certificate it started
+    with across reloads, so only a restart makes QUIC clients see the new one.
+    """
+    result = _run([layout["caddy_bin"], "stop", "--address", f"unix/{layout['admin_socket']}"])
+    if result.returncode != 0:
+        raise AgentError("could not stop the web server to load the new certificate", "restart")
+    address = (layout["bind_address"] or "127.0.0.1", layout["https_port"])
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    for want_up in (False, True):
+        while _port_open(address) is not want_up:
+            if time.monotonic() > deadline:
+                raise AgentError(f"the web server did not come back within {RESTART_TIMEOUT} s", "restart")
+            time.sleep(0.05)
+
+
+def _port_open(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _rules_of(paths: Paths, release_id: str | None) -> dict:
@@ -644,7 +723,7 @@ def do_install_cert(paths: Paths) -> dict:
         _atomic_write(paths.cert, chain, 0o644)
         _atomic_write(paths.cert_installed, facts["not_after"].encode(), 0o644)
         _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
-        _reload_caddy(paths.layout)
+        _restart_caddy(paths.layout)
     return {"certificate": {"not_after": facts["not_after"], "names": facts["names"]}, "changed": not unchanged}
 
 
@@ -758,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except AgentError as exc:
         print(json.dumps({"ok": False, "error": exc.code, "message": str(exc)}))
+        # Also on stderr, where rsync and a person at a terminal look.
+        print(f"edgecdn agent: {exc}", file=sys.stderr)
         return 2
     except (OSError, subprocess.SubprocessError) as exc:
         print(json.dumps({"ok": False, "error": "internal", "message": f"{type(exc).__name__}: {exc}"}))

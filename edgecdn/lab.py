@@ -11,6 +11,7 @@ ports). Everything lives in `.lab/`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pwd
@@ -161,9 +162,17 @@ def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> sub
         )
 
 
-def start_node(name: str, node_dir: Path, address: str, deploy_public_key: str, user: str) -> tuple[LabNode, list[dict]]:
+def start_node(
+    name: str, node_dir: Path, address: str, deploy_public_key: str, user: str
+) -> tuple[LabNode, list[dict]]:
     """Install the node files for one node and start its sshd and Caddy."""
     https_port, http_port = _web_ports(address)
+    for port in (SSH_PORT, https_port, http_port):
+        if not _port_free(address, port):
+            raise LabError(
+                f"{address}:{port} is already in use; is another lab running there? Stop it with "
+                "`python -m edgecdn.lab down --dir <its directory>`"
+            )
     layout = lab_layout(name, node_dir, address, https_port, http_port, user)
     for sub in ("run", "caddy-data", "caddy-config"):
         (node_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -181,8 +190,13 @@ def start_node(name: str, node_dir: Path, address: str, deploy_public_key: str, 
     sshd_proc = _start([sshd, "-D", "-f", layout.sshd_config, "-E", str(sshd_log)], sshd_log)
     processes.append({"node": name, "kind": "sshd", "pid": sshd_proc.pid, "config": layout.sshd_config})
     caddy_log = node_dir / "caddy.log"
-    env = {**os.environ, "XDG_DATA_HOME": str(node_dir / "caddy-data"), "XDG_CONFIG_HOME": str(node_dir / "caddy-config")}
-    caddy_proc = _start([layout.caddy_bin, "run", "--config", layout.caddyfile, "--adapter", "caddyfile"], caddy_log, env)
+    env = {
+        **os.environ,
+        "XDG_DATA_HOME": str(node_dir / "caddy-data"),
+        "XDG_CONFIG_HOME": str(node_dir / "caddy-config"),
+    }
+    caddy = [layout.caddy_bin, "run", "--config", layout.caddyfile, "--adapter", "caddyfile"]
+    caddy_proc = _start([sys.executable, "-m", "edgecdn.lab", "supervise", "--", *caddy], caddy_log, env)
     processes.append({"node": name, "kind": "caddy", "pid": caddy_proc.pid, "config": layout.caddyfile})
     _wait_for_port(address, SSH_PORT, sshd_proc, sshd_log)
     _wait_for_port(address, https_port, caddy_proc, caddy_log)
@@ -242,10 +256,8 @@ def down(lab_dir: Path = DEFAULT_DIR) -> list[str]:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def up(
@@ -260,10 +272,12 @@ def up(
         raise LabError("--nodes must be between 1 and 9")
     # Absolute paths throughout: sshd re-executes itself from /.
     lab_dir = lab_dir.resolve()
+    _check_strict_modes(lab_dir)
     down(lab_dir)
     if lab_dir.exists():
         _make_writable_and_remove(lab_dir)
-    lab_dir.mkdir(parents=True, mode=0o700)
+    lab_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    lab_dir.mkdir(mode=0o700)
     user = pwd.getpwuid(os.geteuid()).pw_name
     deploy_key_file = lab_dir / "deploy_key"
     deploy_public_key = _keygen(deploy_key_file, "edgecdn-lab-deploy")
@@ -297,6 +311,20 @@ def up(
 def deploy_site(description: dict, site_dir: Path, log=print) -> None:
     """Deploy site_dir to the lab's nodes with site_sync, as `pulumi up` would."""
     deploy(handoff_for(description, site_dir), site_dir, wait_seconds=30, ca_file=description["ca_cert"], log=log)
+
+
+def _check_strict_modes(lab_dir: Path) -> None:
+    """sshd (StrictModes, as on a node) refuses keys below a directory others may write to."""
+    uid = os.geteuid()
+    for parent in lab_dir.parents:
+        if not parent.exists():
+            continue  # made below by the lab itself, writable only by this user
+        st = parent.stat()
+        if st.st_uid not in (0, uid) or st.st_mode & 0o022:
+            raise LabError(
+                f"{parent} is writable by other users, so sshd would refuse the lab's keys below it; "
+                "put the lab in a directory only you can write to (e.g. the default .lab in the repository)"
+            )
 
 
 def _make_writable_and_remove(path: Path) -> None:
@@ -344,6 +372,27 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(r[h]).ljust(widths[h]) for h in headers))
 
 
+def supervise(argv: list[str]) -> int:
+    """Run argv and start it again whenever it exits, until told to stop (systemd's Restart=always)."""
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        child = subprocess.Popen(argv)
+        code = child.wait()
+        if not stopping:
+            time.sleep(0.2 if code == 0 else 1.0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`up`, `down` or `status`."""
     parser = argparse.ArgumentParser(prog="python -m edgecdn.lab", description=__doc__.split("\n")[0])
@@ -354,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--site", type=Path, default=Path("example-site"))
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="show what each node serves")
+    keep = sub.add_parser("supervise", help=argparse.SUPPRESS)
+    keep.add_argument("program", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "supervise":
+        return supervise(args.program[1:] if args.program[:1] == ["--"] else args.program)
     try:
         if args.command == "up":
             description = up(args.dir, args.nodes, args.site)

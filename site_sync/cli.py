@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from enum import IntEnum
+from pathlib import Path
 from typing import TextIO
 
+from site_sync.deploy import DeployError, deploy
 from site_sync.handoff import HandoffError, parse_handoff
+from site_sync.release import SiteError
 
 
 class ExitStatus(IntEnum):
@@ -24,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a handoff document and print what it describes")
     check.add_argument("--handoff", required=True, choices=["-"], help="read the document from standard input")
+    push = sub.add_parser("deploy", help="push the release and certificate to every node, then switch them together")
+    source = push.add_mutually_exclusive_group(required=True)
+    source.add_argument("--handoff", choices=["-"], help="read the handoff document from standard input")
+    source.add_argument("--lab", type=Path, metavar="LAB_JSON", help="deploy to the local lab described by this file")
+    push.add_argument("--site", type=Path, help="the site to deploy to the lab (default: example-site)")
+    push.add_argument("--wait", type=float, default=600, help="seconds to wait for a booting node (default 600)")
     return parser
 
 
@@ -45,4 +55,31 @@ def main(
             file=stdout,
         )
         return ExitStatus.OK
-    return ExitStatus.ERROR
+    return _deploy(args, stdin, stdout, stderr)
+
+
+def _deploy(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    ca_file = None
+    try:
+        if args.lab is not None:
+            from edgecdn.lab import handoff_for
+
+            description = json.loads(args.lab.read_text())
+            site_dir = args.site or Path("example-site")
+            handoff = handoff_for(description, site_dir)
+            ca_file = description["ca_cert"]
+        else:
+            handoff = parse_handoff(stdin.read())
+            site_dir = Path(handoff.site_dir)
+    except (HandoffError, SiteError, OSError, KeyError, ValueError) as exc:
+        print(f"site_sync: cannot start the deploy: {exc}", file=stderr)
+        return ExitStatus.BAD_INPUT
+    try:
+        deploy(handoff, site_dir, wait_seconds=args.wait, ca_file=ca_file, log=lambda line: print(line, file=stdout))
+    except DeployError as exc:
+        print(f"site_sync: {exc}", file=stderr)
+        return ExitStatus.PARTIAL if exc.partial else ExitStatus.ERROR
+    except SiteError as exc:
+        print(f"site_sync: {exc}", file=stderr)
+        return ExitStatus.BAD_INPUT
+    return ExitStatus.OK

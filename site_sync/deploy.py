@@ -67,8 +67,8 @@ class DeployResult:
     lines: list[str] = field(default_factory=list)
 
 
-def _parallel(fn: Callable[[NodeTarget], object], nodes: tuple[NodeTarget, ...]) -> dict[str, Exception]:
-    errors: dict[str, Exception] = {}
+def _parallel(fn: Callable[[NodeTarget], object], nodes: tuple[NodeTarget, ...]) -> dict[str, BaseException]:
+    errors: dict[str, BaseException] = {}
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(nodes))) as pool:
         futures = {node.name: pool.submit(fn, node) for node in nodes}
         for name, future in futures.items():
@@ -78,7 +78,7 @@ def _parallel(fn: Callable[[NodeTarget], object], nodes: tuple[NodeTarget, ...])
     return errors
 
 
-def _describe(errors: dict[str, Exception]) -> str:
+def _describe(errors: dict[str, BaseException]) -> str:
     return "\n".join(f"  - {name}: {exc}" for name, exc in sorted(errors.items()))
 
 
@@ -161,7 +161,7 @@ def deploy(
 
 
 def _restore(
-    plans: dict[str, NodePlan], failed: dict[str, Exception], creds: Credentials, log: Callable[[str], None]
+    plans: dict[str, NodePlan], failed: dict[str, BaseException], creds: Credentials, log: Callable[[str], None]
 ) -> None:
     for name, plan in plans.items():
         if name in failed or not plan.activate or not plan.was_active:

@@ -41,7 +41,7 @@ def fetch(
         lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", "User-Agent: edgecdn-probe"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+        response = http.client.HTTPResponse(tls)
         response.begin()
         ttfb = (time.perf_counter() - started) * 1000
         body = response.read()

@@ -1,0 +1,212 @@
+"""Helpers for tests against real lab nodes: HTTPS, HTTP/3, raw SSH to the agent, odd certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from site_sync.handoff import NodeTarget
+from site_sync.probe import Response, fetch
+from site_sync.transport import Credentials, ssh_options
+
+EXAMPLE_SITE = Path(__file__).resolve().parent.parent / "example-site"
+WASM_MODULE = b"\x00asm\x01\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A running lab as the tests see it."""
+
+    dir: Path
+    description: dict
+
+    @property
+    def domain(self) -> str:
+        return self.description["domain"]
+
+    @property
+    def ca(self) -> str:
+        return self.description["ca_cert"]
+
+    @property
+    def nodes(self) -> list[dict]:
+        return self.description["nodes"]
+
+    def get(self, path: str, node: int = 0, headers: dict[str, str] | None = None, host: str | None = None) -> Response:
+        n = self.nodes[node]
+        return fetch(n["address"], host or self.domain, path, n["https_port"], self.ca, headers=headers)
+
+    def target(self, node: int = 0, host_key: str | None = None) -> NodeTarget:
+        n = self.nodes[node]
+        return NodeTarget(
+            n["name"], n["address"], n["ssh_port"], n["user"], host_key or n["host_key"], "lab", n["https_port"]
+        )
+
+    def ssh(
+        self, *words: str, node: int = 0, stdin: bytes = b"", options: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
+        """Run ssh with the lab's deploy key against a node, as an attacker holding the key would."""
+        target = self.target(node)
+        known = self.dir / "known_hosts_test"
+        known.write_text(f"[{target.address}]:{target.port} {target.host_key}\n")
+        creds = Credentials(Path(self.description["deploy_key_file"]), known)
+        argv = [*ssh_options(creds, target), *options, target.address, *words]
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=60, check=False)
+
+    def agent(self, *words: str, node: int = 0, stdin: bytes = b"") -> dict:
+        """An agent verb's JSON answer."""
+        result = self.ssh(*words, node=node, stdin=stdin)
+        return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+    def rsync(self, *args: str, node: int = 0) -> subprocess.CompletedProcess:
+        """rsync through the agent with the deploy key."""
+        target = self.target(node)
+        known = self.dir / "known_hosts_test"
+        known.write_text(f"[{target.address}]:{target.port} {target.host_key}\n")
+        creds = Credentials(Path(self.description["deploy_key_file"]), known)
+        shell = " ".join(ssh_options(creds, target))
+        argv = ["rsync", "-e", shell, *[a.replace("NODE:", f"{target.address}:") for a in args]]
+        return subprocess.run(argv, capture_output=True, timeout=60, check=False)
+
+    def node_dir(self, node: int = 0) -> Path:
+        return Path(self.nodes[node]["dir"])
+
+
+def write_test_site(root: Path, extra: dict[str, bytes] | None = None) -> Path:
+    """The example site plus one file of every content type the nodes must label right."""
+    shutil.copytree(EXAMPLE_SITE, root)
+    files = {
+        "data.json": b'{"ok": true}',
+        "logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"/>',
+        "module.wasm": WASM_MODULE,
+        "fonts/body.woff2": b"wOF2" + b"\0" * 60,
+        "img/photo.avif": b"\0\0\0\x1cftypavif" + b"\0" * 40,
+        "img/photo.webp": b"RIFF\x24\0\0\0WEBPVP8 " + b"\0" * 40,
+        "feed.xml": b'<?xml version="1.0"?><rss version="2.0"></rss>',
+        "robots.txt": b"User-agent: *\nAllow: /\n",
+        "assets/old-only.3b9d2e1f0a.js": b"console.log('only in the first release')",
+        "docs/index.html": b"<!doctype html><title>docs</title>" + b"<p>documentation</p>" * 40,
+        "big.css": b"body { margin: 0 }\n" * 200,
+        "assets/index-BmF4dz3q.js": b"export {}",
+        "img/screenshot2.png": b"\x89PNG\r\n\x1a\n",
+        "files/report_20240101.pdf": b"%PDF-1.4",
+    }
+    redirects = (root / "_redirects").read_bytes() + b"/go/:id /posts/:id/ 307\n/app/* /index.html 200\n"
+    headers = (root / "_headers").read_bytes() + b"/robots.txt\n  Cache-Control: public, max-age=60\n"
+    files.update({"_redirects": redirects, "_headers": headers})
+    for path, data in {**files, **(extra or {})}.items():
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
+
+
+def h3_get(lab: Lab, path: str, node: int = 0) -> tuple[dict[bytes, bytes], bytes]:
+    """GET over HTTP/3 (QUIC on UDP) from a node."""
+    n = lab.nodes[node]
+
+    class Client(QuicConnectionProtocol):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.h3 = H3Connection(self._quic)
+            self.headers: dict[bytes, bytes] = {}
+            self.body = b""
+            self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def quic_event_received(self, event) -> None:
+            for ev in self.h3.handle_event(event):
+                if isinstance(ev, HeadersReceived):
+                    self.headers.update(dict(ev.headers))
+                elif isinstance(ev, DataReceived):
+                    self.body += ev.data
+                if getattr(ev, "stream_ended", False) and not self.done.done():
+                    self.done.set_result(True)
+
+    async def run() -> tuple[dict[bytes, bytes], bytes]:
+        config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=lab.domain)
+        config.load_verify_locations(lab.ca)
+        async with connect(n["address"], n["https_port"], configuration=config, create_protocol=Client) as client:
+            assert isinstance(client, Client)
+            stream = client._quic.get_next_available_stream_id()
+            authority = f"{lab.domain}:{n['https_port']}".encode()
+            client.h3.send_headers(
+                stream,
+                [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority), (b":path", path.encode())],
+                end_stream=True,
+            )
+            client.transmit()
+            await asyncio.wait_for(client.done, 10)
+            return client.headers, client.body
+
+    return asyncio.run(run())
+
+
+def tls_version(lab: Lab, version: ssl.TLSVersion, node: int = 0) -> str:
+    """Handshake with only one TLS version offered; the version agreed."""
+    import socket
+
+    n = lab.nodes[node]
+    context = ssl.create_default_context(cafile=lab.ca)
+    context.minimum_version = context.maximum_version = version
+    with (
+        socket.create_connection((n["address"], n["https_port"]), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=lab.domain) as tls,
+    ):
+        return tls.version() or ""
+
+
+def served_certificate_serial(lab: Lab, node: int = 0) -> int:
+    """The serial number of the certificate a node presents."""
+    import socket
+
+    n = lab.nodes[node]
+    context = ssl.create_default_context(cafile=lab.ca)
+    with (
+        socket.create_connection((n["address"], n["https_port"]), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=lab.domain) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def issue_certificate(lab: Lab, names: list[str], days: float = 7, not_before_days: float = -1) -> tuple[str, str, int]:
+    """A certificate signed by the lab CA: (chain PEM, key PEM, serial)."""
+    ca_dir = Path(lab.ca).parent
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(Path(lab.ca).read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    serial = x509.random_serial_number()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now + dt.timedelta(days=not_before_days))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return chain.decode(), key_pem.decode(), serial

@@ -1,0 +1,520 @@
+"""Every node behaviour, pinned against real lab nodes (Caddy, sshd, rsync, the agent).
+
+The lab runs the very files the bootstrap installs on AWS, with only paths, ports and user
+changed. Tests in this module share one lab and run in file order: reads first, then the
+deploys, certificate changes and rollbacks that change what the nodes serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab_support import Lab, h3_get, issue_certificate, served_certificate_serial, tls_version, write_test_site
+
+from edgecdn import lab as lab_module
+from site_sync.build import build_release
+from site_sync.deploy import DeployError, deploy
+from site_sync.release import release_id_of
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("caddy", "rsync", "rrsync", "ssh", "curl"))
+    or not Path("/usr/sbin/sshd").exists(),
+    reason="the lab needs Debian's caddy, openssh-server, rsync and curl (./scripts/setup.sh installs them)",
+)
+ROOT = Path(__file__).resolve().parent.parent
+# Not under /tmp: sshd's StrictModes refuses keys below world-writable directories.
+LAB_ROOT = ROOT / ".lab-test"
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("sites")
+    first = write_test_site(base / "first")
+    second = write_test_site(base / "second", {"index.html": b"<!doctype html><h1>second release</h1>"})
+    (second / "assets" / "old-only.3b9d2e1f0a.js").unlink()
+    return {"first": first, "second": second}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, sites: dict[str, Path]) -> Iterator[Lab]:
+    lab_dir = LAB_ROOT / f"shared-{os.getpid()}"
+    description = lab_module.up(lab_dir, nodes=2, site_dir=None, base="127.0.81", log=lambda _: None)
+    try:
+        yield from _deployed(Lab(lab_dir, description), sites)
+    finally:
+        lab_module.down(lab_dir)
+
+
+def _deployed(running: Lab, sites: dict[str, Path]) -> Iterator[Lab]:
+    description = running.description
+    n = description["nodes"][0]
+    # Before the first deploy a node has only its self-signed placeholder certificate, so this
+    # one check skips verification, as Route53's health checkers always do.
+    before = subprocess.run(
+        ["curl", "-sS", "--insecure", "-o", "/dev/null", "-w", "%{http_code}",
+         "--resolve", f"{description['domain']}:{n['https_port']}:{n['address']}",
+         f"https://{description['domain']}:{n['https_port']}/.well-known/edgecdn/health"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    running.description["before_deploy_health"] = int(before.stdout or 0)
+    lab_module.deploy_site(description, sites["first"], log=lambda _: None)
+    yield running
+
+
+# ---------------------------------------------------------------- the rendered files, checked by the real tools
+
+
+def test_lab_runs_files_that_caddy_and_sshd_accept(lab: Lab):
+    node = lab.node_dir(0)
+    result = subprocess.run(["caddy", "validate", "--config", str(node / "Caddyfile"), "--adapter", "caddyfile"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-1000:]
+    result = subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(node / "sshd_config")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_health_is_an_error_until_a_release_and_certificate_are_in(lab: Lab):
+    assert lab.description["before_deploy_health"] == 503
+
+
+def test_health_answers_the_marker_and_active_release(lab: Lab, sites):
+    release = release_id_of(sites["first"])
+    for node in range(2):
+        answer = lab.get("/.well-known/edgecdn/health", node)
+        assert answer.status == 200
+        assert answer.body.decode().startswith(f"edgecdn-ok release={release}")
+        assert answer.headers["cache-control"] == "no-store"
+
+
+# ---------------------------------------------------------------- protocols
+
+
+def test_tls_1_2_and_1_3_are_both_offered(lab: Lab):
+    assert tls_version(lab, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert tls_version(lab, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
+def test_http2_is_negotiated(lab: Lab):
+    n = lab.nodes[0]
+    result = subprocess.run(
+        ["curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}", "--cacert", lab.ca,
+         "--resolve", f"{lab.domain}:{n['https_port']}:{n['address']}", f"https://{lab.domain}:{n['https_port']}/"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.stdout == "2", result.stderr
+
+
+def test_http3_serves_the_site(lab: Lab):
+    headers, body = h3_get(lab, "/")
+    assert headers[b":status"] == b"200"
+    assert b"Served from the edge" in body
+    assert headers[b"x-edge-node"] == b"lab-1"
+    assert "h3=" in lab.get("/").headers["alt-svc"]
+
+
+def test_http_redirects_to_https_and_hsts_is_set(lab: Lab):
+    n = lab.nodes[0]
+    result = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+         "--resolve", f"{lab.domain}:{n['http_port']}:{n['address']}", f"http://{lab.domain}:{n['http_port']}/posts/?a=1"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    suffix = "" if n["https_port"] == 443 else f":{n['https_port']}"
+    assert result.stdout == f"308 https://{lab.domain}{suffix}/posts/?a=1"
+    assert lab.get("/").headers["strict-transport-security"] == "max-age=31536000"
+
+
+def test_alias_is_served_with_the_same_certificate(lab: Lab):
+    answer = lab.get("/", host="www.edgecdn.test")
+    assert answer.status == 200 and b"Served from the edge" in answer.body
+
+
+# ---------------------------------------------------------------- headers on every response
+
+
+@pytest.mark.parametrize("path", ["/", "/about", "/nope", "/blog/x", "/.well-known/edgecdn/health"])
+def test_every_response_names_the_node_and_release(lab: Lab, sites, path):
+    answer = lab.get(path, node=1)
+    assert answer.headers["x-edge-node"] == "lab-2"
+    assert answer.headers["x-edge-release"] == release_id_of(sites["first"])
+    assert "server" not in answer.headers
+
+
+# ---------------------------------------------------------------- URLs
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "location"),
+    [
+        ("/about", 200, None),
+        ("/about.html", 308, "/about"),
+        ("/about/", 308, "/about"),
+        ("/posts/hello-world/", 200, None),
+        ("/posts/hello-world", 308, "/posts/hello-world/"),
+        ("/posts/hello-world/index.html", 308, "/posts/hello-world/"),
+        ("/posts/hello-world/index.html?x=1", 308, "/posts/hello-world/?x=1"),
+        ("/docs", 308, "/docs/"),
+        ("/index.html", 308, "/"),
+    ],
+)
+def test_pretty_urls_have_one_canonical_form(lab: Lab, path, status, location):
+    answer = lab.get(path)
+    assert answer.status == status, answer.body[:200]
+    if location:
+        assert answer.headers["location"] == location
+
+
+def test_missing_page_gets_the_site_404_with_status_404(lab: Lab):
+    answer = lab.get("/no/such/page")
+    assert answer.status == 404
+    assert b"That page is not here" in answer.body
+    assert answer.headers["cache-control"] == "no-cache"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "location"),
+    [
+        ("/blog/2024/post", 301, "/posts/2024/post"),
+        ("/hello", 302, "/posts/hello-world/"),
+        ("/p/hello-world", 308, "/posts/hello-world/"),
+    ],
+)
+def test_redirects_file_is_applied(lab: Lab, path, status, location):
+    answer = lab.get(path)
+    assert (answer.status, answer.headers.get("location")) == (status, location)
+
+
+def test_redirects_file_307_and_200_rewrite(lab: Lab):
+    moved = lab.get("/go/hello-world")
+    assert (moved.status, moved.headers["location"]) == (307, "/posts/hello-world/")
+    rewritten = lab.get("/app/any/deep/path")
+    assert rewritten.status == 200 and b"Served from the edge" in rewritten.body
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("/a /b 404", "status '404' is not one of"),
+        ("/a https://x.example/ 200", "a 200 rewrite must point at a path"),
+        ("/a /{env.SECRET}", "is not a path or http(s) URL"),
+        ("a /b", "is not a path starting with '/'"),
+        ("/a /b 301 extra", "expected 'from to [status]'"),
+    ],
+)
+def test_bad_redirect_rules_are_refused_with_their_line(line, problem):
+    from edgecdn.agent import AgentError, compile_redirects
+
+    with pytest.raises(AgentError, match="_redirects line 2") as info:
+        compile_redirects("/ok /fine 301\n" + line)
+    assert problem in str(info.value)
+
+
+def test_headers_file_is_applied(lab: Lab):
+    answer = lab.get("/posts/hello-world/")
+    assert answer.headers["x-robots-tag"] == "index"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert "x-robots-tag" not in lab.get("/about").headers
+
+
+# ---------------------------------------------------------------- caching, compression, types
+
+
+def test_cache_policy_by_kind_of_file(lab: Lab):
+    html = lab.get("/about")
+    assert html.headers["cache-control"] == "no-cache" and html.headers["etag"]
+    revalidated = lab.get("/about", headers={"If-None-Match": html.headers["etag"]})
+    assert revalidated.status == 304
+    assert lab.get("/assets/site.4f9c2b7e1a.css").headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert lab.get("/feed.xml").headers["cache-control"] == "public, max-age=3600"
+
+
+@pytest.mark.parametrize(
+    ("path", "immutable"),
+    [
+        ("/assets/app.8d1e0f3a92.mjs", True),
+        ("/assets/index-BmF4dz3q.js", True),
+        ("/img/screenshot2.png", False),
+        ("/files/report_20240101.pdf", False),
+        ("/big.css", False),
+    ],
+)
+def test_only_names_carrying_a_content_hash_are_immutable(lab: Lab, path, immutable):
+    cache_control = lab.get(path).headers["cache-control"]
+    assert (cache_control == "public, max-age=31536000, immutable") is immutable, cache_control
+
+
+def test_headers_file_overrides_the_cache_policy(lab: Lab):
+    assert lab.get("/robots.txt").headers["cache-control"] == "public, max-age=60"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("/a\n  X-Bad: {env.HOME}", "control character, brace or backslash"),
+        ("/a\n  X-Edge-Node: spoofed", "is not a header name a site may set"),
+        ("  X-Early: 1", "must follow a path pattern"),
+        ("/a\n  no colon here", "expected 'Name: value'"),
+    ],
+)
+def test_bad_header_rules_are_refused(text, problem):
+    from edgecdn.agent import AgentError, compile_headers
+
+    with pytest.raises(AgentError, match=problem):
+        compile_headers(text)
+
+
+@pytest.mark.parametrize(("accept", "encoding"), [("br", "br"), ("gzip", "gzip"), ("br, gzip", "br"), (None, None)])
+def test_precompressed_siblings_are_served_when_accepted(lab: Lab, accept, encoding):
+    headers = {"Accept-Encoding": accept} if accept else None
+    answer = lab.get("/big.css", headers=headers)
+    assert answer.status == 200
+    assert answer.headers.get("content-encoding") == encoding
+    assert "Accept-Encoding" in answer.headers["vary"]
+    assert answer.headers["content-type"].startswith("text/css")
+
+
+def test_small_or_incompressible_files_get_no_siblings(sites, tmp_path: Path):
+    release = build_release(sites["first"], tmp_path / "build")
+    derived = {e.path for e in release.entries if e.derived}
+    assert "big.css.br" in derived and "big.css.gz" in derived
+    assert not any(p.startswith("robots.txt") for p in derived), "too small to be worth it"
+    assert not any(p.startswith("img/") for p in derived), "images are compressed already"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/about", "text/html"),
+        ("/assets/site.4f9c2b7e1a.css", "text/css"),
+        ("/assets/app.8d1e0f3a92.mjs", "text/javascript"),
+        ("/data.json", "application/json"),
+        ("/logo.svg", "image/svg+xml"),
+        ("/module.wasm", "application/wasm"),
+        ("/fonts/body.woff2", "font/woff2"),
+        ("/img/photo.avif", "image/avif"),
+        ("/img/photo.webp", "image/webp"),
+        ("/site.webmanifest", "application/manifest+json"),
+        ("/feed.xml", "text/xml"),
+        ("/robots.txt", "text/plain"),
+    ],
+)
+def test_content_types(lab: Lab, path, content_type):
+    answer = lab.get(path)
+    assert answer.status == 200
+    assert answer.headers["content-type"].split(";")[0] in {
+        content_type,
+        content_type.replace("text/xml", "application/xml"),
+    }
+
+
+# ---------------------------------------------------------------- what the deploy key can and cannot do
+
+
+def _refused(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    answer = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert answer["ok"] is False
+    return answer["message"]
+
+
+def test_deploy_key_cannot_open_a_shell(lab: Lab):
+    assert "no request given" in _refused(lab.ssh())
+    result = lab.ssh(options=("-tt",))
+    assert result.returncode != 0 and b"$ " not in result.stdout
+
+
+@pytest.mark.parametrize("command", [["/bin/sh", "-c", "id"], ["cat", "/etc/passwd"], ["status;", "id"], ["init"]])
+def test_deploy_key_cannot_run_another_command(lab: Lab, command):
+    assert "unknown or malformed request" in _refused(lab.ssh(*command))
+
+
+def test_deploy_key_cannot_forward_ports(lab: Lab):
+    n = lab.nodes[0]
+    result = lab.ssh(options=("-W", f"{n['address']}:{n['ssh_port']}"))
+    assert result.returncode != 0
+    assert b"SSH-2.0" not in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["../../tls", "/etc/passwd", "ABCDEF0123456789ABCD", "0" * 21, "x" * 5000])
+def test_agent_refuses_malformed_release_ids(lab: Lab, bad):
+    message = _refused(lab.ssh("activate", bad))
+    assert "not a release id" in message or "too long" in message
+
+
+def test_deploy_key_cannot_read_the_tls_key(lab: Lab, tmp_path: Path):
+    result = lab.rsync("NODE:../../tls/key.pem", str(tmp_path / "stolen"))
+    assert result.returncode != 0
+    assert not (tmp_path / "stolen").exists()
+    assert "downloads are not allowed" in result.stdout.decode() + result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "target", ["NODE:../releases/evil/", "NODE:/tmp/edgecdn-evil/", "NODE:../../../tmp/edgecdn-evil/"]
+)
+def test_uploads_cannot_escape_the_staging_area(lab: Lab, tmp_path: Path, target):
+    (tmp_path / "payload").mkdir()
+    (tmp_path / "payload" / "x.html").write_text("evil")
+    result = lab.rsync("-r", f"{tmp_path / 'payload'}/", target)
+    root = lab.node_dir(0) / "srv"
+    assert not (root / "releases" / "evil").exists()
+    assert not Path("/tmp/edgecdn-evil").exists()
+    assert result.returncode != 0 or (root / "staging" / "tmp" / "edgecdn-evil" / "x.html").exists()
+
+
+def test_oversized_input_is_refused(lab: Lab):
+    assert "too long" in _refused(lab.ssh("status", "x" * 5000))
+    assert "larger than" in _refused(lab.ssh("install-cert", stdin=b"{" + b" " * (70 << 10)))
+
+
+def _stage(lab: Lab, site: Path, build: Path, mutate=None) -> tuple[str, str]:
+    release = build_release(site, build)
+    if mutate:
+        mutate(build)
+    result = lab.rsync("-rlt", f"{build}/", f"NODE:{release.release_id}/")
+    assert result.returncode == 0, result.stderr
+    return release.release_id, release.manifest_json()
+
+
+def test_incomplete_upload_never_becomes_active(lab: Lab, tmp_path: Path, sites):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>incomplete</h1>"})
+    release_id, manifest = _stage(lab, site, tmp_path / "build", lambda b: (b / "about.html").unlink())
+    assert "files are missing" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+    assert "not finalized" in _refused(lab.ssh("activate", release_id))
+    assert lab.get("/").headers["x-edge-release"] == release_id_of(sites["first"])
+
+
+def test_altered_upload_is_refused(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>altered</h1>"})
+    release_id, manifest = _stage(lab, site, tmp_path / "build", lambda b: (b / "robots.txt").write_text("changed"))
+    assert "does not match the manifest" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+
+
+def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>symlink</h1>"})
+
+    def swap_for_link(build: Path) -> None:
+        (build / "robots.txt").unlink()
+        os.symlink("/etc/passwd", build / "robots.txt")
+
+    release_id, manifest = _stage(lab, site, tmp_path / "build", swap_for_link)
+    assert "not a regular file" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+
+
+def test_manifest_must_hash_to_the_release_id(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged</h1>"})
+    release_id, manifest = _stage(lab, site, tmp_path / "build")
+    forged = json.loads(manifest)
+    forged["files"] = [f for f in forged["files"] if f["path"] != "robots.txt"]
+    assert "does not hash to the release id" in _refused(
+        lab.ssh("finalize", release_id, stdin=json.dumps(forged).encode())
+    )
+
+
+def test_status_reports_releases_and_certificate(lab: Lab, sites):
+    status = lab.agent("status")
+    assert status["active"] == release_id_of(sites["first"])
+    assert status["certificate"]["names"] == ["edgecdn.test", "www.edgecdn.test"]
+    assert status["certificate"]["not_after"] > "2026"
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def _install(lab: Lab, chain: str, key: str) -> subprocess.CompletedProcess:
+    return lab.ssh("install-cert", stdin=json.dumps({"chain_pem": chain, "key_pem": key}).encode())
+
+
+def test_certificate_with_a_foreign_key_is_refused(lab: Lab):
+    chain, _, _ = issue_certificate(lab, ["edgecdn.test", "www.edgecdn.test"])
+    _, other_key, _ = issue_certificate(lab, ["edgecdn.test", "www.edgecdn.test"])
+    assert "does not belong to the certificate" in _refused(_install(lab, chain, other_key))
+
+
+def test_certificate_not_covering_every_name_is_refused(lab: Lab):
+    chain, key, _ = issue_certificate(lab, ["edgecdn.test"])
+    assert "does not cover www.edgecdn.test" in _refused(_install(lab, chain, key))
+
+
+def test_expired_certificate_is_refused(lab: Lab):
+    chain, key, _ = issue_certificate(lab, ["edgecdn.test", "www.edgecdn.test"], days=-1, not_before_days=-10)
+    assert "expired" in _refused(_install(lab, chain, key))
+
+
+def test_new_certificate_is_served_at_once(lab: Lab):
+    before = served_certificate_serial(lab)
+    chain, key, serial = issue_certificate(lab, ["edgecdn.test", "www.edgecdn.test"])
+    assert json.loads(_install(lab, chain, key).stdout)["changed"] is True
+    assert served_certificate_serial(lab) == serial != before
+    key_file = lab.node_dir(0) / "tls" / "key.pem"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o640"
+
+
+# ---------------------------------------------------------------- deploys, skew protection, rollback
+
+
+def test_failed_staging_switches_no_node(lab: Lab, sites):
+    handoff = lab_module.handoff_for(lab.description, sites["second"])
+    wrong = lab.target(1, host_key=lab.nodes[0]["host_key"])
+    broken = handoff.__class__(**{**handoff.__dict__, "nodes": (handoff.nodes[0], wrong)})
+    with pytest.raises(DeployError, match="no node was switched") as info:
+        deploy(broken, sites["second"], wait_seconds=3, ca_file=lab.ca, log=lambda _: None)
+    assert "lab-2" in str(info.value)
+    for node in range(2):
+        assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["first"])
+
+
+def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab, sites):
+    result = subprocess.run(
+        [sys.executable, "-m", "site_sync", "deploy", "--lab", str(lab.dir / "lab.json"),
+         "--site", str(sites["second"])],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    second = release_id_of(sites["second"])
+    for node in range(2):
+        home = lab.get("/", node)
+        assert home.headers["x-edge-release"] == second and b"second release" in home.body
+    old_asset = lab.get("/assets/old-only.3b9d2e1f0a.js")
+    assert old_asset.status == 200 and b"only in the first release" in old_asset.body
+    assert lab.get("/assets/never-existed.0123456789.js").status == 404
+
+
+def test_rollback_serves_the_previous_release(lab: Lab, sites):
+    answer = lab.agent("rollback", node=1)
+    assert answer["active"] == release_id_of(sites["first"])
+    assert lab.get("/", node=1).headers["x-edge-release"] == release_id_of(sites["first"])
+    assert lab.agent("activate", release_id_of(sites["second"]), node=1)["active"] == release_id_of(sites["second"])
+
+
+def test_prune_keeps_current_and_previous(lab: Lab, sites):
+    answer = lab.agent("prune", "2")
+    assert answer["ok"] is True
+    status = lab.agent("status")
+    assert {release_id_of(sites["first"]), release_id_of(sites["second"])} <= set(status["releases"])
+
+
+def test_lab_refuses_a_directory_sshd_would_not_trust(tmp_path: Path):
+    with pytest.raises(lab_module.LabError, match="writable by other users"):
+        lab_module.up(Path("/tmp") / f"edgecdn-lab-{os.getpid()}", nodes=1, site_dir=None, base="127.0.83")
+
+
+def test_lab_down_stops_exactly_what_it_started():
+    lab_dir = LAB_ROOT / f"single-{os.getpid()}"
+    description = lab_module.up(lab_dir, nodes=1, site_dir=None, base="127.0.82", log=lambda _: None)
+    pids = [p["pid"] for p in description["processes"]]
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+    stopped = lab_module.down(lab_dir)
+    assert len(stopped) == 2
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert lab_module.down(lab_dir) == []
