@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -78,7 +79,9 @@ def _web_ports(address: str) -> tuple[int, int]:
     return 8443, 8080
 
 
-def lab_layout(name: str, node_dir: Path, address: str, https_port: int, http_port: int, user: str) -> NodeLayout:
+def lab_layout(
+    name: str, node_dir: Path, keys_dir: Path, address: str, https_port: int, http_port: int, user: str
+) -> NodeLayout:
     """A node's layout inside the lab: the AWS layout with paths, ports and user changed."""
     d = node_dir.resolve()
     return NodeLayout(
@@ -94,7 +97,7 @@ def lab_layout(name: str, node_dir: Path, address: str, https_port: int, http_po
         agent_path=str(d / "agent"),
         sshd_config=str(d / "sshd_config"),
         host_key=str(d / "ssh_host_ed25519_key"),
-        deploy_authorized_keys=str(d / "authorized_keys"),
+        deploy_authorized_keys=str(keys_dir / f"{name}_authorized_keys"),
         sshd_pid_file=str(d / "run" / "sshd.pid"),
         caddy_bin=_tool("caddy"),
         rrsync_bin=_tool("rrsync"),
@@ -163,7 +166,7 @@ def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> sub
 
 
 def start_node(
-    name: str, node_dir: Path, address: str, deploy_public_key: str, user: str
+    name: str, node_dir: Path, keys_dir: Path, address: str, deploy_public_key: str, user: str
 ) -> tuple[LabNode, list[dict]]:
     """Install the node files for one node and start its sshd and Caddy."""
     https_port, http_port = _web_ports(address)
@@ -173,7 +176,7 @@ def start_node(
                 f"{address}:{port} is already in use; is another lab running there? Stop it with "
                 "`python -m edgecdn.lab down --dir <its directory>`"
             )
-    layout = lab_layout(name, node_dir, address, https_port, http_port, user)
+    layout = lab_layout(name, node_dir, keys_dir, address, https_port, http_port, user)
     for sub in ("run", "caddy-data", "caddy-config"):
         (node_dir / sub).mkdir(parents=True, exist_ok=True)
     for f in render_node_files(layout, deploy_public_key):
@@ -231,6 +234,15 @@ def _alive(process: dict) -> bool:
     return process["config"].encode() in cmdline
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent (the state field of /proc/PID/stat is Z)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def down(lab_dir: Path = DEFAULT_DIR) -> list[str]:
     """Stop the processes `up` started (checked by pid and config path), nothing else."""
     state_file = lab_dir / "lab.json"
@@ -243,15 +255,19 @@ def down(lab_dir: Path = DEFAULT_DIR) -> list[str]:
         os.kill(p["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 5
     for p in live:
-        while _alive(p) and time.monotonic() < deadline:
-            _reap(p["pid"])
+        while not _exited(p["pid"]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(p):
+        if not _exited(p["pid"]):
             os.kill(p["pid"], signal.SIGKILL)
+            while not _exited(p["pid"]):
+                time.sleep(0.05)
         _reap(p["pid"])
         stopped.append(f"{p['node']} {p['kind']} (pid {p['pid']})")
     description["processes"] = []
     state_file.write_text(json.dumps(description, indent=2))
+    keys_dir = Path(description.get("keys_dir", lab_dir))
+    if keys_dir.resolve() != lab_dir.resolve() and keys_dir.exists():
+        shutil.rmtree(keys_dir)
     return stopped
 
 
@@ -272,12 +288,12 @@ def up(
         raise LabError("--nodes must be between 1 and 9")
     # Absolute paths throughout: sshd re-executes itself from /.
     lab_dir = lab_dir.resolve()
-    _check_strict_modes(lab_dir)
     down(lab_dir)
     if lab_dir.exists():
         _make_writable_and_remove(lab_dir)
     lab_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     lab_dir.mkdir(mode=0o700)
+    keys_dir = _keys_dir(lab_dir)
     user = pwd.getpwuid(os.geteuid()).pw_name
     deploy_key_file = lab_dir / "deploy_key"
     deploy_public_key = _keygen(deploy_key_file, "edgecdn-lab-deploy")
@@ -286,6 +302,7 @@ def up(
         "aliases": list(ALIASES),
         **{"ca_cert": "", "certificate": {}},
         "deploy_key_file": str(deploy_key_file.resolve()),
+        "keys_dir": str(keys_dir),
         "nodes": [],
         "processes": [],
     }
@@ -295,7 +312,9 @@ def up(
     state_file = lab_dir / "lab.json"
     try:
         for i in range(1, nodes + 1):
-            node, processes = start_node(f"lab-{i}", lab_dir / f"node-{i}", f"{base}.{i}", deploy_public_key, user)
+            node, processes = start_node(
+                f"lab-{i}", lab_dir / f"node-{i}", keys_dir, f"{base}.{i}", deploy_public_key, user
+            )
             description["nodes"].append(asdict(node))
             description["processes"] += processes
             state_file.write_text(json.dumps(description, indent=2))
@@ -313,18 +332,38 @@ def deploy_site(description: dict, site_dir: Path, log=print) -> None:
     deploy(handoff_for(description, site_dir), site_dir, wait_seconds=30, ca_file=description["ca_cert"], log=log)
 
 
-def _check_strict_modes(lab_dir: Path) -> None:
-    """sshd (StrictModes, as on a node) refuses keys below a directory others may write to."""
-    uid = os.geteuid()
-    for parent in lab_dir.parents:
-        if not parent.exists():
-            continue  # made below by the lab itself, writable only by this user
-        st = parent.stat()
+def strict_modes_accept(path: Path) -> bool:
+    """Whether sshd's StrictModes (on, as on a node) accepts a key file in this directory.
+
+    Like sshd: every directory up to the user's home must belong to root or the user and be
+    writable by nobody else.
+    """
+    uid, home = os.geteuid(), Path.home().resolve()
+    for directory in (path, *path.parents):
+        st = directory.stat()
         if st.st_uid not in (0, uid) or st.st_mode & 0o022:
-            raise LabError(
-                f"{parent} is writable by other users, so sshd would refuse the lab's keys below it; "
-                "put the lab in a directory only you can write to (e.g. the default .lab in the repository)"
-            )
+            return False
+        if directory == home:
+            break
+    return True
+
+
+def _keys_dir(lab_dir: Path) -> Path:
+    """Where the deploy authorized_keys go: the lab directory, or a private one under home.
+
+    A lab below a world-writable directory (a clone in /tmp) would have its keys refused.
+    """
+    if strict_modes_accept(lab_dir):
+        return lab_dir
+    private = Path.home() / ".cache" / "edgecdn-lab" / hashlib.sha256(str(lab_dir).encode()).hexdigest()[:16]
+    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (private, *private.parents):
+        if directory == Path.home():
+            break
+        directory.chmod(directory.stat().st_mode & ~0o022)
+    if not strict_modes_accept(private):
+        raise LabError(f"neither {lab_dir} nor {private} is a directory sshd trusts for keys; fix their permissions")
+    return private
 
 
 def _make_writable_and_remove(path: Path) -> None:

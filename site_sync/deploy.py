@@ -134,8 +134,13 @@ def deploy(
 
         errors = _parallel(activate, handoff.nodes)
         if errors:
-            _restore(plans, errors, creds, log)
-            raise DeployError("activation failed on some nodes; the others were switched back:\n" + _describe(errors))
+            left = _restore(plans, errors, creds, log)
+            outcome = (
+                f"these nodes now serve {release.release_id} and could not go back: {', '.join(left)}"
+                if left
+                else "every node that had switched went back to its previous release"
+            )
+            raise DeployError(f"activation failed:\n{_describe(errors)}\n{outcome}", partial=bool(left))
         log(f"  all {len(handoff.nodes)} nodes switched to {release.release_id}")
 
         for node in handoff.nodes:
@@ -162,15 +167,18 @@ def deploy(
 
 def _restore(
     plans: dict[str, NodePlan], failed: dict[str, BaseException], creds: Credentials, log: Callable[[str], None]
-) -> None:
-    for name, plan in plans.items():
-        if name in failed or not plan.activate or not plan.was_active:
+) -> list[str]:
+    """Switch nodes that did activate back to what they served; the names that could not go back."""
+    left = []
+    for name, plan in sorted(plans.items()):
+        if name in failed or not plan.activate:
+            continue
+        if not plan.was_active:
+            left.append(f"{name} (it served nothing before)")
             continue
         try:
             Agent(plan.node, creds).call("activate", plan.was_active)
         except (TransportError, AgentRefusedError) as exc:
             log(f"  {name}: could not switch back to {plan.was_active}: {exc}")
-            raise DeployError(
-                f"activation failed and {name} could not be switched back; nodes serve different releases",
-                partial=True,
-            ) from exc
+            left.append(name)
+    return left

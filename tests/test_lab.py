@@ -30,8 +30,6 @@ pytestmark = pytest.mark.skipif(
     reason="the lab needs Debian's caddy, openssh-server, rsync and curl (./scripts/setup.sh installs them)",
 )
 ROOT = Path(__file__).resolve().parent.parent
-# Not under /tmp: sshd's StrictModes refuses keys below world-writable directories.
-LAB_ROOT = ROOT / ".lab-test"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, sites: dict[str, Path]) -> Iterator[Lab]:
-    lab_dir = LAB_ROOT / f"shared-{os.getpid()}"
+    lab_dir = tmp_path_factory.mktemp("lab") / ".lab"
     description = lab_module.up(lab_dir, nodes=2, site_dir=None, base="127.0.81", log=lambda _: None)
     try:
         yield from _deployed(Lab(lab_dir, description), sites)
@@ -504,17 +502,32 @@ def test_prune_keeps_current_and_previous(lab: Lab, sites):
     assert {release_id_of(sites["first"]), release_id_of(sites["second"])} <= set(status["releases"])
 
 
-def test_lab_refuses_a_directory_sshd_would_not_trust(tmp_path: Path):
-    with pytest.raises(lab_module.LabError, match="writable by other users"):
-        lab_module.up(Path("/tmp") / f"edgecdn-lab-{os.getpid()}", nodes=1, site_dir=None, base="127.0.83")
+def test_failed_activation_switches_the_other_nodes_back(lab: Lab, sites, tmp_path: Path):
+    third = write_test_site(tmp_path / "third", {"index.html": b"<h1>third release</h1>"})
+    socket_path = lab.node_dir(1) / "run" / "caddy-admin.sock"
+    hidden = socket_path.with_name("hidden.sock")
+    socket_path.rename(hidden)  # lab-2's web server can no longer be told to switch
+    try:
+        with pytest.raises(DeployError, match="every node that had switched went back") as info:
+            deploy(lab_module.handoff_for(lab.description, third), third, wait_seconds=3, ca_file=lab.ca,
+                   log=lambda _: None)  # fmt: skip
+    finally:
+        hidden.rename(socket_path)
+    assert "lab-2" in str(info.value) and not info.value.partial
+    for node in range(2):
+        assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["second"])
 
 
-def test_lab_down_stops_exactly_what_it_started():
-    lab_dir = LAB_ROOT / f"single-{os.getpid()}"
+def test_lab_down_stops_exactly_what_it_started(tmp_path: Path):
+    lab_dir = tmp_path / ".lab"
     description = lab_module.up(lab_dir, nodes=1, site_dir=None, base="127.0.82", log=lambda _: None)
     pids = [p["pid"] for p in description["processes"]]
     assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+    keys_dir = Path(description["keys_dir"])
+    assert keys_dir != lab_dir.resolve(), "a lab below /tmp keeps its keys where sshd trusts them"
+    assert lab_module.strict_modes_accept(keys_dir) and not lab_module.strict_modes_accept(lab_dir)
     stopped = lab_module.down(lab_dir)
     assert len(stopped) == 2
+    assert not keys_dir.exists()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert lab_module.down(lab_dir) == []
