@@ -107,6 +107,7 @@ class Paths:
         self.meta = self.root / "meta"
         self.state = Path(layout["root"]) / "state"
         self.site_snippet = self.state / "site.caddy"
+        self.identity_snippet = self.state / "identity.caddy"
         self.current = self.root / "current"
         self.previous = self.root / "previous"
         self.tls = Path(layout["tls_dir"])
@@ -471,18 +472,17 @@ def _canonical_redirects(release_dir: str, depth: int) -> str:
     return _indent(rules, depth)
 
 
+def render_identity(layout: dict, current: str | None) -> str:
+    """Headers every response carries, on port 80 too: which node, which release."""
+    node, release = _caddy_quote(layout["node_name"]), _caddy_quote(current or "none")
+    return f"header {{\n\tX-Edge-Node {node}\n\tX-Edge-Release {release}\n\t-Server\n}}\n"
+
+
 def render_site(layout: dict, current: str | None, previous: str | None, rules: dict, cert_ready: bool) -> str:
     """The Caddy snippet for the site block: health, rules, pretty URLs, skew protection."""
     node = layout["node_name"]
     releases = f"{layout['root']}/releases"
-    head = [
-        "header {",
-        f"\tX-Edge-Node {_caddy_quote(node)}",
-        f"\tX-Edge-Release {_caddy_quote(current or 'none')}",
-        '\tStrict-Transport-Security "max-age=31536000"',
-        "\t-Server",
-        "}",
-    ]
+    head = [render_identity(layout, current), 'header Strict-Transport-Security "max-age=31536000"']
     if current and cert_ready:
         health = f"respond {_caddy_quote(f'{HEALTH_MARKER} release={current} node={node}')} 200"
     else:
@@ -577,13 +577,15 @@ def _rules_of(paths: Paths, release_id: str | None) -> dict:
 
 def _write_site(paths: Paths, current: str | None, previous: str | None) -> None:
     snippet = render_site(paths.layout, current, previous, _rules_of(paths, current), paths.cert_installed.exists())
+    _atomic_write(paths.identity_snippet, render_identity(paths.layout, current).encode(), 0o644)
     _atomic_write(paths.site_snippet, snippet.encode(), 0o644)
 
 
 def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
     """Point current/previous at releases and make the web server serve them, or change nothing."""
     old = (paths.link_target(paths.current), paths.link_target(paths.previous))
-    old_snippet = paths.site_snippet.read_bytes() if paths.site_snippet.exists() else None
+    snippets = (paths.site_snippet, paths.identity_snippet)
+    old_snippets = {p: p.read_bytes() for p in snippets if p.exists()}
     _write_site(paths, current, previous)
     for link, target in ((paths.previous, previous), (paths.current, current)):
         if target:
@@ -596,8 +598,8 @@ def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
                 _atomic_symlink(link, f"releases/{target}")
             else:
                 link.unlink(missing_ok=True)
-        if old_snippet is not None:
-            _atomic_write(paths.site_snippet, old_snippet, 0o644)
+        for path, content in old_snippets.items():
+            _atomic_write(path, content, 0o644)
         raise
 
 
@@ -619,7 +621,7 @@ def do_init(paths: Paths) -> dict:
             raise AgentError("could not make a placeholder certificate", "init")
         os.chmod(paths.key, 0o640)
         paths.cert_installed.unlink(missing_ok=True)
-    if not paths.site_snippet.exists():
+    if not paths.site_snippet.exists() or not paths.identity_snippet.exists():
         current = paths.link_target(paths.current)
         _write_site(paths, current, paths.link_target(paths.previous))
     return {"initialized": str(paths.root)}
@@ -694,18 +696,28 @@ def _cert_facts(paths: Paths, pem: bytes) -> dict:
     }
 
 
+PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----\r?\n?")
+
+
+def split_pem_bundle(data: bytes) -> tuple[bytes, bytes]:
+    """(chain, key) from a bundle of exactly one private key and one or more certificates."""
+    blocks = list(PEM_BLOCK.finditer(data))
+    leftover = PEM_BLOCK.sub(b"", data).strip()
+    keys = [b for b in blocks if b.group(1).endswith(b"PRIVATE KEY")]
+    certs = [b for b in blocks if b.group(1) == b"CERTIFICATE"]
+    if leftover or len(keys) != 1 or not certs or len(keys) + len(certs) != len(blocks):
+        raise AgentError("expected on standard input a PEM bundle: one private key and its certificate chain")
+    as_pem = lambda block: block.group(0).rstrip(b"\r\n") + b"\n"  # noqa: E731
+    return b"".join(as_pem(c) for c in certs), as_pem(keys[0])
+
+
 def _covers(names: list[str], host: str) -> bool:
     return any(name == host or (name.startswith("*.") and host.split(".", 1)[-1] == name[2:]) for name in names)
 
 
 def do_install_cert(paths: Paths) -> dict:
-    """Install the certificate chain and key from stdin after checking them."""
-    data = _read_stdin(MAX_CERT_BYTES)
-    try:
-        doc = json.loads(data)
-        chain, key = doc["chain_pem"].encode(), doc["key_pem"].encode()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise AgentError("expected JSON {chain_pem, key_pem} on standard input") from None
+    """Install the key and certificate chain (one PEM bundle on stdin) after checking them."""
+    chain, key = split_pem_bundle(_read_stdin(MAX_CERT_BYTES))
     facts = _cert_facts(paths, chain)
     missing = [n for n in [paths.layout["domain"], *paths.layout["aliases"]] if not _covers(facts["names"], n)]
     if missing:

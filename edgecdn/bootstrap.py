@@ -37,7 +37,7 @@ def bootstrap_files(
         NodeFile(layout.host_key, host_private_key.strip() + "\n", 0o600),
         NodeFile(layout.host_key + ".pub", host_public_key.strip() + "\n", 0o644),
         NodeFile(ADMIN_KEYS_FILE, admin, 0o644),
-        NodeFile(CADDY_OVERRIDE, render_caddy_service_override()),
+        NodeFile(CADDY_OVERRIDE, render_caddy_service_override(layout)),
         NodeFile(
             AUTO_UPGRADES,
             'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n',

@@ -11,7 +11,6 @@ Plan first (pure): from each node's status, decide what it needs. Then carry it 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +91,7 @@ def deploy(
 ) -> DeployResult:
     """Push the site and certificate to every node and switch them together."""
     chain_sha256 = hashlib.sha256(handoff.certificate_chain.encode()).hexdigest()
-    certificate = json.dumps({"chain_pem": handoff.certificate_chain, "key_pem": handoff.certificate_key})
+    certificate = _pem(handoff.certificate_key) + _pem(handoff.certificate_chain)
     with (
         tempfile.TemporaryDirectory(prefix="edgecdn-release-") as build_dir,
         credentials(handoff.deploy_key, handoff.nodes) as creds,
@@ -163,6 +162,10 @@ def deploy(
         log(f"  all nodes healthy over HTTPS as {handoff.domain}")
         result.plans = list(plans.values())
         return result
+
+
+def _pem(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _restore(

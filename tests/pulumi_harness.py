@@ -152,6 +152,7 @@ class Run:
     resources: list[Resource]
     stack_outputs: dict
     calls: list = field(default_factory=list)
+    error: BaseException | None = None
 
     def of_type(self, typ: str) -> list[Resource]:
         return [r for r in self.resources if r.type == typ]
@@ -166,12 +167,18 @@ class Run:
         return self.stack_outputs
 
 
-def run_pulumi(program: Callable[[], None], config: dict[str, Any] | None = None, stack: str = "test") -> Run:
-    """Run `program` as a stack under mocks with `edgecdn:` config set; return what it registered."""
+def run_pulumi(
+    program: Callable[[], None], config: dict[str, Any] | None = None, stack: str = "test", allow_error: bool = False
+) -> Run:
+    """Run `program` as a stack under mocks with `edgecdn:` config set; return what it registered.
+
+    With allow_error, a failing program still returns what it registered, and the error.
+    """
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     mocks = EdgeMocks()
     monitor = RecordingMonitor(mocks)
+    error: BaseException | None = None
     try:
         pulumi.runtime.set_mocks(mocks, project="edgecdn", stack=stack, preview=False, monitor=monitor)
         # set_mocks makes a root stack of its own; the program gets a fresh one, as under the CLI.
@@ -180,6 +187,10 @@ def run_pulumi(program: Callable[[], None], config: dict[str, Any] | None = None
             {f"edgecdn:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (config or {}).items()}
         )
         loop.run_until_complete(run_in_stack(program))
+    except Exception as exc:
+        if not allow_error:
+            raise
+        error = exc
     finally:
         runtime_config.set_all_config({})
         set_root_resource(None)  # type: ignore[arg-type]
@@ -198,9 +209,10 @@ def run_pulumi(program: Callable[[], None], config: dict[str, Any] | None = None
                 monitor.raw_inputs.get(urn, {}),
             )
         )
-    return Run(resources, monitor.stack_outputs, mocks.calls)
+    return Run(resources, monitor.stack_outputs, mocks.calls, error)
 
 
-def run_main(config: dict[str, Any]) -> Run:
+def run_main(config: dict[str, Any], allow_error: bool = False) -> Run:
     """Run the project's __main__.py with this stack configuration."""
-    return run_pulumi(lambda: runpy.run_path(str(PROJECT_DIR / "__main__.py"), run_name="__main__"), config)
+    program = lambda: runpy.run_path(str(PROJECT_DIR / "__main__.py"), run_name="__main__")  # noqa: E731
+    return run_pulumi(program, config, allow_error=allow_error)

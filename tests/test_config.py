@@ -142,7 +142,13 @@ def test_site_dir_relative_to_the_project(tmp_path: Path):
     ],
 )
 def test_bad_config_stops_the_program_before_any_resource(overrides, key):
-    with pytest.raises(Exception) as info:
-        run_main({**GOOD, **overrides})
-    assert f"edgecdn:{key}" in str(info.value)
-    assert "Pulumi.test.yaml" in str(info.value)
+    run = run_main({**GOOD, **overrides}, allow_error=True)
+    assert run.error is not None, "the program accepted a bad configuration"
+    assert f"edgecdn:{key}" in str(run.error)
+    assert "Pulumi.test.yaml" in str(run.error)
+    assert run.resources == [], [r.urn for r in run.resources]
+
+
+def test_good_config_does_register_resources():
+    run = run_main(GOOD, allow_error=True)
+    assert run.error is None and run.resources

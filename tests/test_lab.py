@@ -133,6 +133,18 @@ def test_http_redirects_to_https_and_hsts_is_set(lab: Lab):
     assert lab.get("/").headers["strict-transport-security"] == "max-age=31536000"
 
 
+def test_port_80_responses_name_the_node_and_release_too(lab: Lab, sites):
+    n = lab.nodes[1]
+    result = subprocess.run(
+        ["curl", "-sS", "-D", "-", "-o", "/dev/null", "--resolve", f"{lab.domain}:{n['http_port']}:{n['address']}",
+         f"http://{lab.domain}:{n['http_port']}/"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    headers = result.stdout.lower()
+    assert "x-edge-node: lab-2" in headers
+    assert f"x-edge-release: {release_id_of(sites['first'])}" in headers
+
+
 def test_alias_is_served_with_the_same_certificate(lab: Lab):
     answer = lab.get("/", host="www.edgecdn.test")
     assert answer.status == 200 and b"Served from the edge" in answer.body
@@ -430,7 +442,15 @@ def test_status_reports_releases_and_certificate(lab: Lab, sites):
 
 
 def _install(lab: Lab, chain: str, key: str) -> subprocess.CompletedProcess:
-    return lab.ssh("install-cert", stdin=json.dumps({"chain_pem": chain, "key_pem": key}).encode())
+    return lab.ssh("install-cert", stdin=(key + chain).encode())
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [b"", b"not pem", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", b'{"chain_pem": "x"}'],
+)
+def test_install_cert_wants_one_key_and_a_chain(lab: Lab, bundle):
+    assert "PEM bundle" in _refused(lab.ssh("install-cert", stdin=bundle))
 
 
 def test_certificate_with_a_foreign_key_is_refused(lab: Lab):

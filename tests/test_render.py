@@ -18,6 +18,7 @@ from pulumi_harness import fake_ssh_public_key
 from edgecdn.bootstrap import USER_DATA_LIMIT, bootstrap_files, render_bootstrap
 from edgecdn.node_files import (
     NodeLayout,
+    render_caddy_service_override,
     render_caddyfile,
     render_deploy_authorized_keys,
     render_node_files,
@@ -79,6 +80,13 @@ def test_bootstrap_installs_exactly_the_rendered_node_files():
     assert files[LAYOUT.host_key] == (HOST_PRIVATE, 0o600)
     assert files["/etc/apt/apt.conf.d/20auto-upgrades"][0].count('"1"') == 2
     assert files["/etc/edgecdn/admin_authorized_keys"][0] == ADMIN[0] + "\n"
+
+
+def test_caddy_service_restarts_and_reloads_through_the_private_socket():
+    text = render_caddy_service_override(LAYOUT)
+    assert "RuntimeDirectory=edgecdn-caddy\n" in text and "Restart=always" in text
+    assert "ExecReload=\nExecReload=/usr/bin/caddy reload " in text
+    assert "--address unix//run/edgecdn-caddy/admin.sock --force" in text
 
 
 def test_deploy_key_is_forced_to_the_agent_with_no_forwarding():
@@ -170,6 +178,7 @@ def test_caddy_accepts_the_rendered_caddyfile(tmp_path: Path):
     )
     (tmp_path / "srv" / "state").mkdir(parents=True)
     (tmp_path / "srv" / "state" / "site.caddy").write_text('respond "ok"\n')
+    (tmp_path / "srv" / "state" / "identity.caddy").write_text("header X-Edge-Node t\n")
     caddyfile = tmp_path / "Caddyfile"
     caddyfile.write_text(render_caddyfile(layout))
     result = subprocess.run(
