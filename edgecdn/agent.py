@@ -80,11 +80,6 @@ def _fingerprint_expression() -> str:
     return f"({all_of(FINGERPRINT_ALL)}) || ({all_of(FINGERPRINT_MIXED)})"
 
 
-def is_fingerprinted(path: str) -> bool:
-    """The same rule in Python, for tests and tools."""
-    return any(all(re.search(p, path) for p in group) for group in (FINGERPRINT_ALL, FINGERPRINT_MIXED))
-
-
 class AgentError(Exception):
     """A refused or failed request; the message is safe to show the deployer."""
 

@@ -12,7 +12,6 @@ import base64
 import gzip
 import io
 import tarfile
-import textwrap
 
 from edgecdn.node_files import NodeFile, NodeLayout, render_caddy_service_override, render_node_files
 
@@ -46,7 +45,7 @@ def bootstrap_files(
 
 
 def pack_files(files: list[NodeFile]) -> str:
-    """A deterministic gzip'd tar of the files, base64-encoded in 76-column lines."""
+    """A deterministic gzip'd tar of the files, base64-encoded in 1000-column lines."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in sorted(files, key=lambda f: f.path):
@@ -55,7 +54,8 @@ def pack_files(files: list[NodeFile]) -> str:
             info.size, info.mode, info.mtime = len(data), f.mode, 0
             tar.addfile(info, io.BytesIO(data))
     packed = gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
-    return "\n".join(textwrap.wrap(base64.b64encode(packed).decode(), 76))
+    encoded = base64.b64encode(packed).decode()
+    return "\n".join(encoded[i : i + 1000] for i in range(0, len(encoded), 1000))
 
 
 def render_bootstrap(
