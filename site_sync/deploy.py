@@ -11,6 +11,7 @@ Plan first (pure): from each node's status, decide what it needs. Then carry it 
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,8 +91,9 @@ def deploy(
     log: Callable[[str], None] = print,
 ) -> DeployResult:
     """Push the site and certificate to every node and switch them together."""
-    chain_sha256 = hashlib.sha256(handoff.certificate_chain.encode()).hexdigest()
-    certificate = _pem(handoff.certificate_key) + _pem(handoff.certificate_chain)
+    chain = normalize_pem(handoff.certificate_chain)
+    chain_sha256 = hashlib.sha256(chain.encode()).hexdigest()
+    certificate = normalize_pem(handoff.certificate_key) + chain
     with (
         tempfile.TemporaryDirectory(prefix="edgecdn-release-") as build_dir,
         credentials(handoff.deploy_key, handoff.nodes) as creds,
@@ -129,7 +131,8 @@ def deploy(
             )
 
         def activate(node: NodeTarget) -> None:
-            Agent(node, creds).call("activate", release.release_id)
+            if plans[node.name].activate:
+                Agent(node, creds).call("activate", release.release_id)
 
         errors = _parallel(activate, handoff.nodes)
         if errors:
@@ -164,8 +167,12 @@ def deploy(
         return result
 
 
-def _pem(text: str) -> str:
-    return text if text.endswith("\n") else text + "\n"
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----")
+
+
+def normalize_pem(text: str) -> str:
+    """PEM blocks one after another, each ending in one newline, as a node stores them."""
+    return "".join(m.group(0) + "\n" for m in PEM_BLOCK.finditer(text))
 
 
 def _restore(

@@ -508,6 +508,13 @@ def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab,
     assert lab.get("/assets/never-existed.0123456789.js").status == 404
 
 
+def test_deploying_the_same_release_again_changes_nothing(lab: Lab, sites):
+    lines: list[str] = []
+    deploy(lab_module.handoff_for(lab.description, sites["second"]), sites["second"], ca_file=lab.ca, log=lines.append)
+    staged = [line for line in lines if "staged" in line]
+    assert len(staged) == 2 and all(line.endswith("staged (already there)") for line in staged), lines
+
+
 def test_rollback_serves_the_previous_release(lab: Lab, sites):
     answer = lab.agent("rollback", node=1)
     assert answer["active"] == release_id_of(sites["first"])

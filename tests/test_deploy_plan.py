@@ -1,0 +1,38 @@
+"""The deploy's plan: what a node needs, decided from its status alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from site_sync.deploy import normalize_pem, plan_node
+from site_sync.handoff import NodeTarget
+
+NODE = NodeTarget("eu", "203.0.113.1", 22, "edgecdn", "ssh-ed25519 AAAA")
+NEW, OLD = "a" * 20, "b" * 20
+
+
+@pytest.mark.parametrize(
+    ("status", "upload", "certificate", "activate"),
+    [
+        ({"releases": [], "active": None, "certificate": None}, True, True, True),
+        ({"releases": [OLD], "active": OLD, "certificate": {"sha256": "x"}}, True, False, True),
+        ({"releases": [OLD, NEW], "active": OLD, "certificate": {"sha256": "x"}}, False, False, True),
+        ({"releases": [OLD, NEW], "active": NEW, "certificate": {"sha256": "x"}}, False, False, False),
+        ({"releases": [NEW], "active": NEW, "certificate": {"sha256": "old"}}, False, True, False),
+    ],
+)
+def test_a_node_gets_only_the_steps_it_lacks(status, upload, certificate, activate):
+    plan = plan_node(NODE, status, NEW, "x")
+    assert (plan.upload, plan.install_certificate, plan.activate) == (upload, certificate, activate)
+    assert plan.was_active == status["active"]
+
+
+def test_pem_is_normalized_as_a_node_stores_it():
+    messy = (
+        "junk\r\n-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----\n\n\n"
+        "-----BEGIN CERTIFICATE-----\nBB==\n-----END CERTIFICATE-----"
+    )
+    assert normalize_pem(messy) == (
+        "-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----\n"
+        "-----BEGIN CERTIFICATE-----\nBB==\n-----END CERTIFICATE-----\n"
+    )
