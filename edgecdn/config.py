@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecdn.regions import BACKENDS, DEFAULT_SIZE, EC2, LIGHTSAIL, REGION_BACKENDS
+from site_sync.handoff import DOMAIN, NODE_NAME
 
 NAMESPACE = "edgecdn"
 
@@ -48,10 +49,9 @@ KEY_KINDS = {
 REQUIRED_KEYS = ("domain", "hostedZoneId", "siteDir", "nodes", "sshAllowedCidrs", "acmeEmail")
 NODE_KEYS = ("region", "backend", "size", "name")
 
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
+_HOSTNAME = DOMAIN
 _ZONE_ID = re.compile(r"^Z[A-Z0-9]{1,32}$")
-_NODE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+_NODE_NAME = NODE_NAME
 _EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@" + _HOSTNAME.pattern[1:])
 _LIGHTSAIL_BUNDLE = re.compile(r"^[a-z0-9]+_\d+_\d+$")
 # Graviton families carry a "g" after the generation digit (t4g, c7g, m7gd, r8g ...): the

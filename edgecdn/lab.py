@@ -36,6 +36,7 @@ DEFAULT_DIR = Path(".lab")
 DEFAULT_BASE = "127.0.80"
 SSH_PORT = 2222
 START_TIMEOUT = 15.0
+START_LIMIT_BURST, START_LIMIT_SECONDS = 5, 30.0
 
 
 class LabError(Exception):
@@ -412,8 +413,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def supervise(argv: list[str]) -> int:
-    """Run argv and start it again whenever it exits, until told to stop (systemd's Restart=always)."""
+    """Run argv and start it again whenever it exits, until told to stop (systemd's Restart=always).
+
+    Like systemd's start limit, it gives up when the program fails 5 times within 30 seconds.
+    """
     stopping = False
+    failures: list[float] = []
     child: subprocess.Popen | None = None
 
     def stop(signum: int, frame: object) -> None:
@@ -427,8 +432,15 @@ def supervise(argv: list[str]) -> int:
     while not stopping:
         child = subprocess.Popen(argv)
         code = child.wait()
-        if not stopping:
-            time.sleep(0.2 if code == 0 else 1.0)
+        if stopping:
+            break
+        if code != 0:
+            now = time.monotonic()
+            failures = [t for t in failures if now - t < START_LIMIT_SECONDS] + [now]
+            if len(failures) >= START_LIMIT_BURST:
+                print(f"lab supervisor: {argv[0]} failed {len(failures)} times in a row; giving up", file=sys.stderr)
+                return 1
+        time.sleep(0.2 if code == 0 else 1.0)
     return 0
 
 

@@ -10,9 +10,12 @@ import ast
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgecdn.agent import HEALTH_MARKER, HEALTH_PATH
+
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
-HEALTH_PATH = "/.well-known/edgecdn/health"
-HEALTH_MARKER = "edgecdn-ok"
+DEPLOY_USER = "edgecdn"
+SSH_PORT = 22
+__all__ = ["DEPLOY_USER", "HEALTH_MARKER", "HEALTH_PATH", "SSH_PORT", "NodeFile", "NodeLayout"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class NodeLayout:
     node_name: str
     domain: str
     aliases: tuple[str, ...] = ()
-    deploy_user: str = "edgecdn"
+    deploy_user: str = DEPLOY_USER
     root: str = "/srv/edgecdn"
     tls_dir: str = "/etc/edgecdn/tls"
     caddyfile: str = "/etc/caddy/Caddyfile"
@@ -39,7 +42,7 @@ class NodeLayout:
     bind_address: str | None = None
     http_port: int = 80
     https_port: int = 443
-    ssh_port: int = 22
+    ssh_port: int = SSH_PORT
     admin_user: str | None = "admin"
 
     @property

@@ -16,10 +16,8 @@ from typing import cast
 import pulumi
 import pulumi_command as command
 
+from edgecdn.node_files import DEPLOY_USER, SSH_PORT
 from site_sync.handoff import build_handoff
-
-DEPLOY_USER = "edgecdn"
-SSH_PORT = 22
 
 
 @dataclass(frozen=True)

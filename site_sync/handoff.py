@@ -19,8 +19,8 @@ MAX_DOCUMENT_BYTES = 1 << 20
 _HOST_KEY = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
 _RELEASE = re.compile(r"^[0-9a-f]{20}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_NODE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
-_DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
+NODE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
 
 
 class HandoffError(Exception):
@@ -111,9 +111,9 @@ def parse_handoff(text: str) -> Handoff:
             f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}; the deployer and the "
             "Pulumi program come from different edgecdn versions"
         )
-    domain = field(doc, "domain", _DOMAIN, "")
+    domain = field(doc, "domain", DOMAIN, "")
     aliases = doc.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and _DOMAIN.match(a) for a in aliases):
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and DOMAIN.match(a) for a in aliases):
         problems.append("aliases: expected a list of DNS names")
         aliases = []
     release = field(doc, "release_id", _RELEASE, "")
@@ -159,7 +159,7 @@ def _parse_nodes(raw: Any, problems: list[str]) -> tuple[NodeTarget, ...]:
             continue
         before = len(problems)
         name = node.get("name")
-        if not isinstance(name, str) or not _NODE_NAME.match(name):
+        if not isinstance(name, str) or not NODE_NAME.match(name):
             problems.append(f"{where}name: missing or malformed")
         address = node.get("address")
         try:

@@ -8,7 +8,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-HEALTH_PATH = "/.well-known/edgecdn/health"
+from edgecdn.agent import HEALTH_PATH
 
 
 @dataclass(frozen=True)

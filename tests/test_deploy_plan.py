@@ -36,3 +36,17 @@ def test_pem_is_normalized_as_a_node_stores_it():
         "-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----\n"
         "-----BEGIN CERTIFICATE-----\nBB==\n-----END CERTIFICATE-----\n"
     )
+
+
+def test_the_agent_and_the_deployer_agree_on_release_ids(tmp_path):
+    from edgecdn.agent import release_id_of as agent_release_id
+    from site_sync.build import build_release
+
+    site = tmp_path / "site"
+    (site / "a").mkdir(parents=True)
+    (site / "index.html").write_text("<h1>hi</h1>" * 100)
+    (site / "a" / "b.css").write_text("b{}")
+    release = build_release(site, tmp_path / "build")
+    entries = [e.__dict__ for e in release.entries]
+    assert any(e["derived"] for e in entries), "compressed siblings must not change the id"
+    assert agent_release_id(entries) == release.release_id

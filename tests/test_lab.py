@@ -558,3 +558,10 @@ def test_lab_down_stops_exactly_what_it_started(tmp_path: Path):
     assert not keys_dir.exists()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert lab_module.down(lab_dir) == []
+
+
+def test_lab_supervisor_gives_up_on_a_program_that_keeps_failing():
+    started = subprocess.run(
+        [sys.executable, "-m", "edgecdn.lab", "supervise", "--", "false"], capture_output=True, text=True, timeout=30
+    )
+    assert started.returncode == 1 and "giving up" in started.stderr
