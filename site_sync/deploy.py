@@ -64,7 +64,6 @@ class DeployResult:
 
     release_id: str
     plans: list[NodePlan] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
 
 
 def _parallel(fn: Callable[[NodeTarget], object], nodes: tuple[NodeTarget, ...]) -> dict[str, BaseException]:

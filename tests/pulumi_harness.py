@@ -117,13 +117,11 @@ class RecordingMonitor(MockMonitor):
     def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
         super().__init__(mocks)
         self.secret_inputs: dict[str, set[str]] = {}
-        self.raw_inputs: dict[str, dict] = {}
         self.stack_outputs: dict = {}
 
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         wire = json_format.MessageToDict(request.object)
-        self.raw_inputs[response.urn] = wire
         self.secret_inputs[response.urn] = _secret_paths(wire)
         return response
 
@@ -142,7 +140,6 @@ class Resource:
     name: str
     state: dict
     secret_inputs: set[str]
-    raw: dict
 
 
 @dataclass
@@ -161,10 +158,6 @@ class Run:
         matches = [r for r in self.resources if r.name == name]
         assert len(matches) == 1, f"expected one resource named {name}, got {[r.urn for r in matches]}"
         return matches[0]
-
-    def outputs_plain(self) -> Any:
-        """Stack outputs with secrets left as their wire wrappers (so they stay unreadable)."""
-        return self.stack_outputs
 
 
 def run_pulumi(
@@ -206,7 +199,6 @@ def run_pulumi(
                 urn.split("::")[3],
                 unwrap_secrets(reg.state),
                 monitor.secret_inputs.get(urn, set()),
-                monitor.raw_inputs.get(urn, {}),
             )
         )
     return Run(resources, monitor.stack_outputs, mocks.calls, error)
