@@ -7,18 +7,19 @@ import pulumi_tls as tls
 
 from edgecdn.certificate import SiteCertificate, SiteCertificateArgs
 from edgecdn.config import ConfigError
-from edgecdn.edge_node import EdgeNode, EdgeNodeArgs
+from edgecdn.edge_node import EdgeNode, EdgeNodeArgs, check_user_data_budget
 from edgecdn.latency_dns import LatencyDNS, LatencyDNSArgs, LatencyTarget
 from edgecdn.monitoring import Monitoring, MonitoringArgs
 from edgecdn.pricing import estimate_monthly_cost
-from edgecdn.site_push import PushNode, SitePush, SitePushArgs
-from edgecdn.stack_config import read_stack_config
+from edgecdn.site_push import PushArgs, PushNode, SitePush, SitePushArgs
+from edgecdn.stack_config import read_stack_config, stack_file
 from site_sync.release import SiteError, release_id_of
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
 try:
     config = read_stack_config(PROJECT_DIR)
+    check_user_data_budget(config, stack_file())
     release_id = release_id_of(config.site_dir)
 except (ConfigError, SiteError) as exc:
     raise pulumi.RunError(f"edgecdn: {exc}") from None
@@ -35,7 +36,18 @@ certificate = SiteCertificate(
         acme_server=config.acme_server,
         caa_issuer=config.caa_issuer,
         min_days_remaining=config.cert_min_days_remaining,
+        manage_caa=config.manage_caa,
     ),
+)
+push_args = PushArgs(
+    domain=config.domain,
+    aliases=config.aliases,
+    release_id=release_id,
+    site_dir=str(config.site_dir),
+    project_dir=str(PROJECT_DIR),
+    deploy_private_key=deploy_key.private_key_openssh,
+    certificate_chain=certificate.chain_pem,
+    certificate_key=certificate.private_key_pem,
 )
 
 nodes = [
@@ -48,6 +60,7 @@ nodes = [
             deploy_public_key=deploy_key.public_key_openssh,
             ssh_allowed_cidrs=config.ssh_allowed_cidrs,
             admin_ssh_keys=config.admin_ssh_keys,
+            push=push_args,
         ),
     )
     for spec in config.nodes
@@ -74,18 +87,11 @@ Monitoring(
 push = SitePush(
     "site",
     SitePushArgs(
-        domain=config.domain,
-        aliases=config.aliases,
-        release_id=release_id,
-        site_dir=str(config.site_dir),
-        project_dir=str(PROJECT_DIR),
+        push=push_args,
         nodes=tuple(
             PushNode(node.spec.name, node.spec.region, node.ipv4, node.host_public_key, node.instance_id)
             for node in nodes
         ),
-        deploy_private_key=deploy_key.private_key_openssh,
-        certificate_chain=certificate.chain_pem,
-        certificate_key=certificate.private_key_pem,
     ),
     opts=pulumi.ResourceOptions(depends_on=nodes),
 )

@@ -1,11 +1,13 @@
+#!/usr/bin/python3
 """edgecdn deploy agent: the only program a node's deploy key may run (SSH forced command).
 
 Verbs arrive in SSH_ORIGINAL_COMMAND (or argv, for local use by the bootstrap and the lab).
 Every argument is checked against a strict pattern; no shell is ever involved; the agent reads
 and writes only under the node root and the TLS directory. Output is one JSON object.
 
-This file runs on the node with the Python standard library alone. It is installed with
-LAYOUT filled in by edgecdn.node_files.render_agent.
+This file runs on the node with the Python standard library alone. It is installed byte for
+byte as it is reviewed here; the node's paths, ports and names come from `layout.json` beside it
+(rendered by edgecdn.node_files.render_layout).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-LAYOUT: dict = {}  # filled in by edgecdn.node_files.render_agent
+LAYOUT_FILE = "layout.json"
 
 RELEASE_ID = re.compile(r"^[0-9a-f]{20}$")
 MAX_COMMAND = 4096
@@ -34,7 +35,6 @@ MAX_MANIFEST_FILES = 200_000
 MAX_CERT_BYTES = 64 << 10
 MAX_RULES = 2000
 STAGING_STALE_SECONDS = 3600
-RESTART_TIMEOUT = 20
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
 # Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
@@ -535,32 +535,6 @@ def _reload_caddy(layout: dict) -> None:
         raise AgentError(f"the web server refused the new configuration: {detail[0][:300]}", "reload")
 
 
-def _restart_caddy(layout: dict) -> None:
-    """Stop Caddy through its admin socket; its supervisor starts it again.
-
-    Needed for a new certificate: Caddy 2.6's HTTP/3 listener keeps the certificate it started
-    with across reloads, so only a restart makes QUIC clients see the new one.
-    """
-    result = _run([layout["caddy_bin"], "stop", "--address", f"unix/{layout['admin_socket']}"])
-    if result.returncode != 0:
-        raise AgentError("could not stop the web server to load the new certificate", "restart")
-    address = (layout["bind_address"] or "127.0.0.1", layout["https_port"])
-    deadline = time.monotonic() + RESTART_TIMEOUT
-    for want_up in (False, True):
-        while _port_open(address) is not want_up:
-            if time.monotonic() > deadline:
-                raise AgentError(f"the web server did not come back within {RESTART_TIMEOUT} s", "restart")
-            time.sleep(0.05)
-
-
-def _port_open(address: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def _rules_of(paths: Paths, release_id: str | None) -> dict:
     if not release_id:
         return {}
@@ -730,7 +704,7 @@ def do_install_cert(paths: Paths) -> dict:
         _atomic_write(paths.cert, chain, 0o644)
         _atomic_write(paths.cert_installed, facts["not_after"].encode(), 0o644)
         _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
-        _restart_caddy(paths.layout)
+        _reload_caddy(paths.layout)
     return {"certificate": {"not_after": facts["not_after"], "names": facts["names"]}, "changed": not unchanged}
 
 
@@ -819,7 +793,7 @@ def dispatch(words: list[str], paths: Paths, local: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Serve one request and print one JSON object."""
     os.umask(0o022)
-    paths = Paths(LAYOUT)
+    paths = Paths(json.loads(Path(__file__).with_name(LAYOUT_FILE).read_text()))
     original = os.environ.get("SSH_ORIGINAL_COMMAND")
     try:
         if original is not None:

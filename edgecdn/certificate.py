@@ -1,8 +1,8 @@
 """SiteCertificate: one ACME certificate for every name, issued by the deployer, never a node.
 
 DNS-01 through Route53 from the machine running `pulumi up`, so no node ever holds Route53
-write access; a CAA record limits issuance to the configured CA. A later `pulumi up` renews
-the certificate once fewer than certMinDaysRemaining days are left.
+write access; an optional CAA record limits issuance to the configured CA. A later `pulumi up`
+renews the certificate once a third of its lifetime is left (or certMinDaysRemaining days).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ class SiteCertificateArgs:
     acme_server: str
     caa_issuer: str
     aliases: tuple[str, ...] = ()
-    min_days_remaining: int = 30
+    # None: renew when a third of the lifetime is left (the provider's min_days_dynamic).
+    min_days_remaining: int | None = None
+    manage_caa: bool = False
 
 
 def caa_records(issuer: str) -> list[str]:
@@ -49,14 +51,22 @@ class SiteCertificate(pulumi.ComponentResource):
         super().__init__("edgecdn:index:SiteCertificate", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
-        caa = aws.route53.Record(
-            f"{name}-caa",
-            zone_id=args.zone_id,
-            name=args.domain,
-            type="CAA",
-            ttl=300,
-            records=caa_records(args.caa_issuer),
-            opts=child,
+        # Opt-in: a CAA record set on a name restricts issuance for every name below it too, and
+        # Route53 refuses to create one where the zone already has CAA records for that name.
+        caa = (
+            [
+                aws.route53.Record(
+                    f"{name}-caa",
+                    zone_id=args.zone_id,
+                    name=args.domain,
+                    type="CAA",
+                    ttl=300,
+                    records=caa_records(args.caa_issuer),
+                    opts=child,
+                )
+            ]
+            if args.manage_caa
+            else []
         )
         provider = acme.Provider(f"{name}-acme", server_url=args.acme_server, opts=child)
         account_key = tls.PrivateKey(f"{name}-account-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
@@ -64,7 +74,9 @@ class SiteCertificate(pulumi.ComponentResource):
             f"{name}-registration",
             account_key_pem=account_key.private_key_pem,
             email_address=args.acme_email,
-            opts=pulumi.ResourceOptions(parent=self, provider=provider),
+            # A new email replaces the registration, which resolves to the same account (same key);
+            # deleting the old one would deactivate that account and fail every later renewal.
+            opts=pulumi.ResourceOptions(parent=self, provider=provider, retain_on_delete=True),
         )
         certificate = acme.Certificate(
             f"{name}-certificate",
@@ -72,7 +84,11 @@ class SiteCertificate(pulumi.ComponentResource):
             common_name=args.domain,
             subject_alternative_names=list(args.aliases),
             key_type="P256",
+            # Let's Encrypt shortens lifetimes to 64 days in 2027 and 45 in 2028, so a fixed number
+            # of days would renew ever earlier; min_days_dynamic renews with a third left, whatever
+            # the lifetime. A user's fixed value still wins.
             min_days_remaining=args.min_days_remaining,
+            min_days_dynamic=True if args.min_days_remaining is None else None,
             dns_challenges=[
                 {
                     "provider": "route53",
@@ -84,7 +100,7 @@ class SiteCertificate(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 provider=provider,
-                depends_on=[caa],
+                depends_on=caa,
                 additional_secret_outputs=["privateKeyPem", "certificateP12"],
             ),
         )

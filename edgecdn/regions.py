@@ -64,6 +64,13 @@ REGION_BACKENDS: dict[str, frozenset[str]] = {
 # allowance included) is the cheapest way to serve a static site. EC2 gets the smallest Graviton type.
 DEFAULT_SIZE = {LIGHTSAIL: "nano_3_0", EC2: "t4g.nano"}
 
+# What a new node boots. EC2: Debian 13 (trixie), the newest official image of Debian's cloud
+# team (account 136693071363). Lightsail: its newest Debian blueprint; Debian 12 gets security
+# support through Debian LTS until June 2028. The bootstrap works on both.
+NODE_IMAGE = {LIGHTSAIL: "debian_12", EC2: "debian-13-arm64-*"}
+# The Debian architecture a backend's nodes run: it picks the pinned Caddy binary.
+NODE_ARCH = {LIGHTSAIL: "amd64", EC2: "arm64"}
+
 
 def first_zone(region: str) -> str:
     """The availability zone a node is placed in: every Lightsail and EC2 region has an "a"."""

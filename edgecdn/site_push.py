@@ -1,23 +1,36 @@
-"""SitePush: after the nodes exist, push the release and the certificate to all of them.
+"""Pushing the site from `pulumi up`: the fleet-wide deploy, and the seed of one new node.
 
-One local command runs `python -m site_sync deploy`. Its secrets (the deploy key, the TLS key)
-travel only in the handoff document on stdin; argv and environment carry none. It runs again
-when the release, the certificate or any node changes, and never during preview.
+Each push is one local command that runs `python -m site_sync`. Its secrets (the deploy key,
+the TLS key) travel only in the handoff document on stdin; argv and environment carry none.
+Nothing runs during preview.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import pulumi
 import pulumi_command as command
 
 from edgecdn.node_files import DEPLOY_USER, SSH_PORT
 from site_sync.handoff import build_handoff
+
+
+@dataclass(frozen=True)
+class PushArgs:
+    """What to push (the release, the certificate) and the key that may push it."""
+
+    domain: str
+    release_id: str
+    site_dir: str
+    project_dir: str
+    deploy_private_key: pulumi.Input[str]
+    certificate_chain: pulumi.Input[str]
+    certificate_key: pulumi.Input[str]
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -29,77 +42,95 @@ class PushNode:
     ipv4: pulumi.Input[str]
     host_public_key: pulumi.Input[str]
     instance_id: pulumi.Input[str]
+    bundle: str | None = None
+
+
+def deployer_command(python: str, verb: str) -> str:
+    """The command line: no secrets, only where the handoff document comes from."""
+    return shlex.join([python, "-m", "site_sync", verb, "--handoff", "-"])
+
+
+def node_entry(name: str, region: str, address: str, host_key: str, bundle: str | None) -> dict[str, Any]:
+    """One handoff node entry from resolved values."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "region": region,
+        "address": address,
+        "port": SSH_PORT,
+        "user": DEPLOY_USER,
+        "host_key": host_key.strip(),
+    }
+    if bundle:
+        entry["bundle"] = bundle
+    return entry
+
+
+def handoff_document(args: PushArgs, nodes: list[dict[str, Any]], secrets: dict[str, str]) -> str:
+    """The handoff from resolved node entries and secrets."""
+    return build_handoff(
+        domain=args.domain,
+        aliases=args.aliases,
+        release_id=args.release_id,
+        site_dir=args.site_dir,
+        nodes=nodes,
+        deploy_key=secrets["deploy_key"],
+        certificate_chain=secrets["chain"],
+        certificate_key=secrets["key"],
+    )
+
+
+def push_command(
+    name: str, verb: str, args: PushArgs, nodes: list[PushNode], triggers: list[Any], opts: pulumi.ResourceOptions
+) -> command.local.Command:
+    """A local command that runs the deployer with the handoff for these nodes on stdin."""
+    entries = [
+        pulumi.Output.all(n.ipv4, n.host_public_key).apply(
+            lambda v, n=n: node_entry(n.name, n.region, v[0], v[1], n.bundle)
+        )
+        for n in nodes
+    ]
+    handoff = pulumi.Output.all(
+        nodes=pulumi.Output.all(*entries),
+        deploy_key=args.deploy_private_key,
+        chain=args.certificate_chain,
+        key=args.certificate_key,
+    ).apply(lambda v: handoff_document(args, list(v["nodes"]), v))
+    return command.local.Command(
+        name,
+        create=deployer_command(sys.executable, verb),
+        dir=args.project_dir,
+        stdin=cast(pulumi.Output[str], pulumi.Output.secret(handoff)),
+        triggers=triggers,
+        logging=command.local.Logging.NONE,
+        add_previous_output_in_env=False,
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdin"])),
+    )
 
 
 @dataclass(frozen=True)
 class SitePushArgs:
-    """Everything the deploy needs: what to push, where, and the secrets to do it."""
+    """The fleet-wide deploy: what to push, and every node at its static address."""
 
-    domain: str
-    release_id: str
-    site_dir: str
-    project_dir: str
+    push: PushArgs
     nodes: tuple[PushNode, ...]
-    deploy_private_key: pulumi.Input[str]
-    certificate_chain: pulumi.Input[str]
-    certificate_key: pulumi.Input[str]
-    aliases: tuple[str, ...] = ()
-
-
-def deploy_command(python: str) -> str:
-    """The command line: no secrets, only where the handoff document comes from."""
-    return shlex.join([python, "-m", "site_sync", "deploy", "--handoff", "-"])
-
-
-def node_entries(names: Sequence[str], regions: Sequence[str], values: list) -> list[dict]:
-    """Handoff node entries from resolved [ipv4, host key] pairs."""
-    return [
-        {
-            "name": name,
-            "region": region,
-            "address": ipv4,
-            "port": SSH_PORT,
-            "user": DEPLOY_USER,
-            "host_key": key.strip(),
-        }
-        for name, region, (ipv4, key) in zip(names, regions, zip(values[0::2], values[1::2], strict=True), strict=True)
-    ]
 
 
 class SitePush(pulumi.ComponentResource):
-    """The deploy, run by `pulumi up` after the nodes and the certificate exist."""
+    """The deploy, run by `pulumi up` after every node holds its address."""
 
     stdout: pulumi.Output[str]
 
     def __init__(self, name: str, args: SitePushArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("edgecdn:index:SitePush", name, None, opts)
-        names = [n.name for n in args.nodes]
-        regions = [n.region for n in args.nodes]
-        addresses = [v for n in args.nodes for v in (n.ipv4, n.host_public_key)]
-        nodes = pulumi.Output.all(*addresses).apply(lambda values: node_entries(names, regions, list(values)))
-        handoff = pulumi.Output.all(nodes, args.deploy_private_key, args.certificate_chain, args.certificate_key).apply(
-            lambda v: build_handoff(
-                domain=args.domain,
-                aliases=args.aliases,
-                release_id=args.release_id,
-                site_dir=args.site_dir,
-                nodes=v[0],
-                deploy_key=v[1],
-                certificate_chain=v[2],
-                certificate_key=v[3],
-            )
-        )
         identities = [[n.name, n.ipv4, n.host_public_key, n.instance_id] for n in args.nodes]
-        push = command.local.Command(
+        push = push_command(
             f"{name}-deploy",
-            create=deploy_command(sys.executable),
-            dir=args.project_dir,
-            stdin=cast(pulumi.Output[str], pulumi.Output.secret(handoff)),
+            "deploy",
+            args.push,
+            list(args.nodes),
             # Replaced (so run again) when the release, the certificate or any node changes.
-            triggers=[args.release_id, args.certificate_chain, identities],
-            logging=command.local.Logging.NONE,
-            add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stdin"]),
+            [args.push.release_id, args.push.certificate_chain, identities],
+            pulumi.ResourceOptions(parent=self),
         )
         self.stdout = push.stdout
         self.register_outputs({"stdout": self.stdout})

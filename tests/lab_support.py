@@ -119,6 +119,17 @@ def write_test_site(root: Path, extra: dict[str, bytes] | None = None) -> Path:
 
 def h3_get(lab: Lab, path: str, node: int = 0) -> tuple[dict[bytes, bytes], bytes]:
     """GET over HTTP/3 (QUIC on UDP) from a node."""
+    headers, body, _ = h3_exchange(lab, path, node)
+    return headers, body
+
+
+def h3_certificate_serial(lab: Lab, node: int = 0) -> int:
+    """The serial number of the certificate a node presents over QUIC."""
+    return h3_exchange(lab, "/", node)[2]
+
+
+def h3_exchange(lab: Lab, path: str, node: int = 0) -> tuple[dict[bytes, bytes], bytes, int]:
+    """GET over HTTP/3: headers, body, and the serial of the certificate the QUIC handshake saw."""
     n = lab.nodes[node]
 
     class Client(QuicConnectionProtocol):
@@ -138,7 +149,7 @@ def h3_get(lab: Lab, path: str, node: int = 0) -> tuple[dict[bytes, bytes], byte
                 if getattr(ev, "stream_ended", False) and not self.done.done():
                     self.done.set_result(True)
 
-    async def run() -> tuple[dict[bytes, bytes], bytes]:
+    async def run() -> tuple[dict[bytes, bytes], bytes, int]:
         config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=lab.domain)
         config.load_verify_locations(lab.ca)
         async with connect(n["address"], n["https_port"], configuration=config, create_protocol=Client) as client:
@@ -152,7 +163,9 @@ def h3_get(lab: Lab, path: str, node: int = 0) -> tuple[dict[bytes, bytes], byte
             )
             client.transmit()
             await asyncio.wait_for(client.done, 10)
-            return client.headers, client.body
+            peer = client._quic.tls._peer_certificate
+            assert peer is not None
+            return client.headers, client.body, peer.serial_number
 
     return asyncio.run(run())
 

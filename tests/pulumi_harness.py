@@ -62,7 +62,9 @@ class EdgeMocks(pulumi.runtime.Mocks):
         elif typ == "aws:lightsail/staticIpAttachment:StaticIpAttachment":
             outputs["ipAddress"] = f"203.0.113.{n}"
         elif typ == "aws:ec2/eip:Eip":
-            outputs["publicIp"] = f"192.0.2.{n}"
+            outputs.update(publicIp=f"192.0.2.{n}", allocationId=f"eipalloc-{n:08x}")
+        elif typ == "aws:ec2/instance:Instance":
+            outputs["publicIp"] = f"198.51.100.{n}"
         elif typ == "acme:index/registration:Registration":
             outputs["registrationUrl"] = "https://acme.invalid/acct/1"
         elif typ == "acme:index/certificate:Certificate":
@@ -83,7 +85,7 @@ class EdgeMocks(pulumi.runtime.Mocks):
         if args.token == "aws:route53/getZone:getZone":
             return {"name": ZONE_NAME, "zoneId": args.args.get("zoneId"), "privateZone": False}
         if args.token == "aws:ec2/getAmi:getAmi":
-            return {"id": "ami-0123456789abcdef0", "architecture": "arm64", "name": "debian-12-arm64-20261101-1234"}
+            return {"id": "ami-0123456789abcdef0", "architecture": "arm64", "name": "debian-13-arm64-20261101-1234"}
         return {}
 
 
@@ -117,12 +119,20 @@ class RecordingMonitor(MockMonitor):
     def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
         super().__init__(mocks)
         self.secret_inputs: dict[str, set[str]] = {}
+        self.options: dict[str, dict[str, Any]] = {}
         self.stack_outputs: dict = {}
 
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         wire = json_format.MessageToDict(request.object)
         self.secret_inputs[response.urn] = _secret_paths(wire)
+        property_deps = {urn for deps in request.propertyDependencies.values() for urn in deps.urns}
+        self.options[response.urn] = {
+            "dependencies": set(request.dependencies) | property_deps,
+            "retain_on_delete": request.retainOnDelete,
+            "delete_before_replace": request.deleteBeforeReplace,
+            "ignore_changes": list(request.ignoreChanges),
+        }
         return response
 
     def RegisterResourceOutputs(self, request):
@@ -140,6 +150,12 @@ class Resource:
     name: str
     state: dict
     secret_inputs: set[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dependencies(self) -> set[str]:
+        """URNs this resource waits for: depends_on and every resource its inputs came from."""
+        return set(self.options.get("dependencies", set()))
 
 
 @dataclass
@@ -153,6 +169,23 @@ class Run:
 
     def of_type(self, typ: str) -> list[Resource]:
         return [r for r in self.resources if r.type == typ]
+
+    def by_urn(self, urn: str) -> Resource:
+        return next(r for r in self.resources if r.urn == urn)
+
+    def waits_for(self, later: Resource, earlier: Resource) -> bool:
+        """Whether `later` is registered only after `earlier` exists, directly or through others."""
+        seen: set[str] = set()
+        todo = [later.urn]
+        while todo:
+            urn = todo.pop()
+            for dep in self.by_urn(urn).dependencies if any(r.urn == urn for r in self.resources) else ():
+                if dep == earlier.urn:
+                    return True
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return False
 
     def named(self, name: str) -> Resource:
         matches = [r for r in self.resources if r.name == name]
@@ -199,6 +232,7 @@ def run_pulumi(
                 urn.split("::")[3],
                 unwrap_secrets(reg.state),
                 monitor.secret_inputs.get(urn, set()),
+                monitor.options.get(urn, {}),
             )
         )
     return Run(resources, monitor.stack_outputs, mocks.calls, error)

@@ -34,16 +34,16 @@ def test_good_config_parses_with_defaults():
         ("eu-central-1", "lightsail", "nano_3_0"),
         ("us-east-1", "ec2", "t4g.nano"),
     ]
-    assert config.cert_min_days_remaining == 30
+    assert config.cert_min_days_remaining is None
     assert config.caa_issuer == "letsencrypt.org"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.domain = "other.com"  # type: ignore[misc]
 
 
 def test_values_as_json_text_from_the_cli_are_decoded():
-    config = parse({"nodes": '[{"region": "eu-west-1"}]', "certMinDaysRemaining": "21"})
+    config = parse({"nodes": '[{"region": "eu-west-1"}]', "certMinDaysRemaining": "14"})
     assert config.nodes[0].region == "eu-west-1"
-    assert config.cert_min_days_remaining == 21
+    assert config.cert_min_days_remaining == 14
 
 
 BAD = [

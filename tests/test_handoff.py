@@ -52,7 +52,7 @@ def test_a_built_document_parses_back():
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"schema": "edgecdn.handoff/v0"}, "schema: expected 'edgecdn.handoff/v1'"),
+        ({"schema": "edgecdn.handoff/v0"}, "schema: expected 'edgecdn.handoff/v2'"),
         ({"release_id": "../../etc"}, "release_id: missing or malformed"),
         ({"nodes": []}, "nodes: expected a non-empty list"),
         (

@@ -19,6 +19,7 @@ from edgecdn.config import NodeSpec
 from edgecdn.edge_node import EdgeNode, EdgeNodeArgs
 from edgecdn.latency_dns import LatencyDNS, LatencyDNSArgs, LatencyTarget
 from edgecdn.monitoring import Monitoring, MonitoringArgs
+from edgecdn.site_push import PushArgs
 from site_sync.handoff import parse_handoff
 from site_sync.release import release_id_of
 
@@ -37,6 +38,15 @@ CONFIG = {
     "alertEmail": "alerts@example.com",
 }
 SECRET_MARKERS = ("FAKE-", "PRIVATE KEY")
+PUSH = PushArgs(
+    domain="example.com",
+    release_id="0123456789abcdef0123",
+    site_dir="/srv/site",
+    project_dir="/srv/project",
+    deploy_private_key=FAKE_PRIVATE_OPENSSH.format(seed="deploy"),
+    certificate_chain="-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n",
+    certificate_key=FAKE_PRIVATE_PEM.format(seed="tls"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,10 @@ def test_ec2_node_uses_official_debian_arm64_image_imdsv2_and_encrypted_gp3(run:
     assert ec2.state["rootBlockDevice"]["volumeType"] == "gp3", ec2.urn
     assert ec2.state["userDataReplaceOnChange"] is True, ec2.urn
     (eip,) = run.of_type("aws:ec2/eip:Eip")
-    assert eip.state["instance"] == ec2.state.get("id", "sao-paulo-instance-id") and eip.state["region"] == "sa-east-1"
+    assert "instance" not in eip.state and eip.state["region"] == "sa-east-1", eip.urn
+    (association,) = run.of_type("aws:ec2/eipAssociation:EipAssociation")
+    assert association.state["instanceId"] == "sao-paulo-instance-id", association.urn
+    assert association.state["allocationId"] == eip.state["allocationId"], association.urn
 
 
 def test_every_lightsail_node_has_a_static_ip_attached(run: Run):
@@ -119,6 +132,11 @@ def test_latency_records_one_per_region_name_and_type_each_with_a_health_check(r
     # Lightsail nodes are dual-stack (A + AAAA); the EC2 node has IPv4 only.
     assert len(records) == 2 * 2 * 2 + 2 * 1
     assert ("sa-east-1", "www.example.com", "AAAA") not in seen
+    for record in records:
+        family = "-ipv6" if record.state["type"] == "AAAA" else ""
+        region = record.state["latencyRoutingPolicies"][0]["region"]
+        node = {"sa-east-1": "sao-paulo"}.get(region, region)
+        assert record.state["healthCheckId"] == f"dns-{node}{family}-health-id", record.urn
     ids_by_name_type: dict = {}
     for record in records:
         ids_by_name_type.setdefault((record.state["name"], record.state["type"]), []).append(
@@ -126,7 +144,7 @@ def test_latency_records_one_per_region_name_and_type_each_with_a_health_check(r
         )
     for key, ids in ids_by_name_type.items():
         assert len(ids) == len(set(ids)), f"set identifiers repeat for {key}"
-    assert set(checks) == {"eu-central-1", "us-east-1", "sao-paulo"}
+    assert set(checks) == {"eu-central-1", "eu-central-1-ipv6", "us-east-1", "us-east-1-ipv6", "sao-paulo"}
 
 
 def test_health_checks_fetch_the_marker_over_https_with_sni(run: Run):
@@ -140,16 +158,20 @@ def test_health_checks_fetch_the_marker_over_https_with_sni(run: Run):
         assert s["port"] == 443 and s["ipAddress"], check.urn
 
 
-def test_caa_allows_only_the_configured_ca(run: Run):
-    (caa,) = [r for r in run.of_type("aws:route53/record:Record") if r.state["type"] == "CAA"]
+def test_caa_is_opt_in_and_then_allows_only_the_configured_ca(run: Run):
+    assert [r for r in run.of_type("aws:route53/record:Record") if r.state["type"] == "CAA"] == []
+    with_caa = run_main({**CONFIG, "manageCaa": True})
+    (caa,) = [r for r in with_caa.of_type("aws:route53/record:Record") if r.state["type"] == "CAA"]
     assert caa.state["records"] == ['0 issue "letsencrypt.org"', '0 issuewild ";"'], caa.urn
+    (cert,) = with_caa.of_type("acme:index/certificate:Certificate")
+    assert with_caa.waits_for(cert, caa), "the CAA record must exist before the order"
 
 
 def test_one_certificate_for_all_names_by_dns01_through_route53(run: Run):
     (cert,) = run.of_type("acme:index/certificate:Certificate")
     assert cert.state["commonName"] == "example.com", cert.urn
     assert cert.state["subjectAlternativeNames"] == ["www.example.com"], cert.urn
-    assert cert.state["minDaysRemaining"] == 30, cert.urn
+    assert cert.state["minDaysDynamic"] is True and "minDaysRemaining" not in cert.state, cert.urn
     (challenge,) = cert.state["dnsChallenges"]
     assert challenge["provider"] == "route53" and challenge["config"]["AWS_HOSTED_ZONE_ID"] == "Z0123456789ABCDEFGHIJ"
     (provider,) = run.of_type("pulumi:providers:acme")
@@ -158,7 +180,7 @@ def test_one_certificate_for_all_names_by_dns01_through_route53(run: Run):
 
 def test_alarms_live_in_us_east_1_and_notify_on_failure_and_recovery(run: Run):
     alarms = run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
-    assert len(alarms) == 3
+    assert len(alarms) == 5, "one per health check: IPv4 for every node, IPv6 for the dual-stack ones"
     (topic,) = run.of_type("aws:sns/topic:Topic")
     assert topic.state["region"] == "us-east-1"
     for alarm in alarms:
@@ -174,17 +196,22 @@ def test_alarms_live_in_us_east_1_and_notify_on_failure_and_recovery(run: Run):
 def test_no_email_subscription_without_alert_email():
     run = run_main({k: v for k, v in CONFIG.items() if k != "alertEmail"})
     assert run.of_type("aws:sns/topicSubscription:TopicSubscription") == []
-    assert len(run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")) == 3
+    assert len(run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")) == 5
 
 
-def test_deploy_command_gets_secrets_only_on_stdin(run: Run):
-    (push,) = run.of_type("command:local:Command")
-    assert push.secret_inputs == {"stdin"}, push.urn
+def pushes(run: Run) -> list:
+    return [c for c in run.of_type("command:local:Command") if "stdin" in c.state]
+
+
+def test_deploy_commands_get_secrets_only_on_stdin(run: Run):
+    for command in pushes(run):
+        assert command.secret_inputs == {"stdin"}, command.urn
+        argv_and_env = json.dumps([command.state["create"], command.state.get("environment"), command.state["triggers"]])
+        for marker in SECRET_MARKERS:
+            assert marker not in argv_and_env, command.urn
+    push = run.named("site-deploy")
     assert push.state["create"].endswith("-m site_sync deploy --handoff -"), push.urn
     assert push.state["logging"] == "none" and push.state["addPreviousOutputInEnv"] is False, push.urn
-    argv_and_env = json.dumps([push.state["create"], push.state.get("environment"), push.state["triggers"]])
-    for marker in SECRET_MARKERS:
-        assert marker not in argv_and_env, push.urn
     handoff = parse_handoff(push.state["stdin"])
     assert handoff.release_id == release_id_of(PROJECT_DIR / "example-site")
     assert handoff.deploy_key == FAKE_PRIVATE_OPENSSH.format(seed="deploy-key")
@@ -198,7 +225,7 @@ def test_deploy_command_gets_secrets_only_on_stdin(run: Run):
 
 
 def test_deploy_reruns_when_release_certificate_or_nodes_change(run: Run):
-    (push,) = run.of_type("command:local:Command")
+    push = run.named("site-deploy")
     release, chain, identities = push.state["triggers"]
     assert release == release_id_of(PROJECT_DIR / "example-site")
     assert "BEGIN CERTIFICATE" in chain and "PRIVATE" not in chain
@@ -222,7 +249,7 @@ def test_stack_outputs_hold_no_secret_in_clear(run: Run):
     assert out["releaseId"] == release_id_of(PROJECT_DIR / "example-site")
     assert [n["name"] for n in out["nodes"]] == ["eu-central-1", "us-east-1", "sao-paulo"]
     assert out["nodes"][2]["ipv6"] is None and out["nodes"][0]["ipv6"].startswith("2001:db8::")
-    assert set(out["healthCheckIds"]) == {"eu-central-1", "us-east-1", "sao-paulo"}
+    assert set(out["healthCheckIds"]) == {"eu-central-1", "eu-central-1-ipv6", "us-east-1", "us-east-1-ipv6", "sao-paulo"}
     assert all(line.split(" ", 1)[1].startswith("ssh-ed25519 ") for line in out["knownHosts"])
     cost = out["estimatedMonthlyCost"]
     assert cost["totalUsd"] == round(sum(i["usd"] for i in cost["items"]), 2)
@@ -240,6 +267,7 @@ def test_edge_node_alone_exposes_its_addresses_and_host_key():
                 domain="example.com",
                 deploy_public_key=fake_ssh_public_key("deploy"),
                 ssh_allowed_cidrs=("198.51.100.0/24",),
+                push=PUSH,
             ),
         )
         node.ipv4.apply(lambda v: captured.setdefault("ipv4", v))
@@ -255,7 +283,8 @@ def test_edge_node_alone_exposes_its_addresses_and_host_key():
     assert script.startswith("#!/bin/sh") and "node solo" in script
     (ports,) = run.of_type("aws:lightsail/instancePublicPorts:InstancePublicPorts")
     ssh = next(p for p in ports.state["portInfos"] if p["fromPort"] == 22)
-    assert ssh["cidrs"] == ["198.51.100.0/24"] and "ipv6Cidrs" not in ssh, ports.urn
+    assert ssh["cidrs"] == ["198.51.100.0/24"], ports.urn
+    assert ssh["ipv6Cidrs"] == ["100::/64"], "no IPv6 block allowed is said explicitly (discard-only prefix)"
 
 
 def test_latency_dns_alone_skips_aaaa_without_ipv6():
@@ -275,6 +304,8 @@ def test_latency_dns_alone_skips_aaaa_without_ipv6():
     run = run_pulumi(program)
     types = sorted((r.state["setIdentifier"], r.state["type"]) for r in run.of_type("aws:route53/record:Record"))
     assert types == [("edgecdn-a-eu-west-1", "A"), ("edgecdn-a-eu-west-1", "AAAA"), ("edgecdn-b-us-west-2", "A")]
+    checks = {c.state["ipAddress"] for c in run.of_type("aws:route53/healthCheck:HealthCheck")}
+    assert checks == {"192.0.2.1", "2001:db8::1", "192.0.2.2"}, "each address family has its own check"
 
 
 def test_monitoring_alone_makes_one_alarm_per_check():
