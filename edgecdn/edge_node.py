@@ -112,12 +112,11 @@ def node_user_data(
     keys: dict[str, str],
     caddy_releases: str = CADDY_RELEASES,
 ) -> str:
-    """The bootstrap script from the deploy public key and the host key pair; checked against the cap."""
+    """The user data from the deploy public key and the host private key; checked against the cap."""
     script = render_bootstrap(
         layout,
         keys["deploy_public"],
         keys["host_private"],
-        keys["host_public"],
         admin_keys,
         bundle_sha256=bundle_sha256,
         arch=arch,
@@ -173,11 +172,7 @@ class EdgeNode(pulumi.ComponentResource):
         host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=child)
         layout = NodeLayout(node_name=spec.name, domain=args.domain, aliases=args.aliases)
         bundle = render_bundle(layout)
-        keys = pulumi.Output.all(
-            deploy_public=args.deploy_public_key,
-            host_private=host_key.private_key_openssh,
-            host_public=host_key.public_key_openssh,
-        )
+        keys = pulumi.Output.all(deploy_public=args.deploy_public_key, host_private=host_key.private_key_openssh)
         script = keys.apply(
             lambda k: node_user_data(
                 layout, args.admin_ssh_keys, bundle_digest(bundle), NODE_ARCH[spec.backend], dict(k)
@@ -302,11 +297,14 @@ class EdgeNode(pulumi.ComponentResource):
             },
             tags={**tags, "Name": f"edgecdn-{spec.name}"},
             # A newer Debian image must not replace a running node; unattended upgrades patch it.
+            # A new size replaces the instance (seeded, then moved to) instead of the provider's
+            # in-place stop, resize and start, which would leave the region dark for minutes.
             # Terminated before its Elastic IP is released (a removal), never the other way round.
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=[eip],
                 ignore_changes=["ami"],
+                replace_on_changes=["instanceType"],
                 additional_secret_outputs=["userData", "userDataBase64"],
             ),
         )

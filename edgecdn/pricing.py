@@ -46,8 +46,10 @@ def estimate_monthly_cost(config: EdgeConfig) -> dict:
             items.append(
                 {"item": f"{node.name}: {ROOT_VOLUME_GB} GB gp3 volume", "usd": round(GP3_GB_MONTH * ROOT_VOLUME_GB, 2)}
             )
-        items.append({"item": f"{node.name}: health check", "usd": HEALTH_CHECK_MONTH})
-        items.append({"item": f"{node.name}: alarm", "usd": ALARM_MONTH})
+        # A dual-stack (Lightsail) node has a health check and an alarm per address family.
+        families = 2 if node.backend == LIGHTSAIL else 1
+        items.append({"item": f"{node.name}: {families} health check(s)", "usd": families * HEALTH_CHECK_MONTH})
+        items.append({"item": f"{node.name}: {families} alarm(s)", "usd": round(families * ALARM_MONTH, 2)})
     return {
         "totalUsd": round(sum(i["usd"] for i in items), 2),
         "items": items,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import pulumi
@@ -50,18 +51,19 @@ def deployer_command(python: str, verb: str) -> str:
     return shlex.join([python, "-m", "site_sync", verb, "--handoff", "-"])
 
 
-def node_entry(name: str, region: str, address: str, host_key: str, bundle: str | None) -> dict[str, Any]:
-    """One handoff node entry from resolved values."""
+def node_entry(node: PushNode, resolved: list[str]) -> dict[str, Any]:
+    """A node's handoff entry once its address and host key are known."""
+    address, host_key = resolved
     entry: dict[str, Any] = {
-        "name": name,
-        "region": region,
+        "name": node.name,
+        "region": node.region,
         "address": address,
         "port": SSH_PORT,
         "user": DEPLOY_USER,
         "host_key": host_key.strip(),
     }
-    if bundle:
-        entry["bundle"] = bundle
+    if node.bundle:
+        entry["bundle"] = node.bundle
     return entry
 
 
@@ -83,12 +85,7 @@ def push_command(
     name: str, verb: str, args: PushArgs, nodes: list[PushNode], triggers: list[Any], opts: pulumi.ResourceOptions
 ) -> command.local.Command:
     """A local command that runs the deployer with the handoff for these nodes on stdin."""
-    entries = [
-        pulumi.Output.all(n.ipv4, n.host_public_key).apply(
-            lambda v, n=n: node_entry(n.name, n.region, v[0], v[1], n.bundle)
-        )
-        for n in nodes
-    ]
+    entries = [pulumi.Output.all(n.ipv4, n.host_public_key).apply(partial(node_entry, n)) for n in nodes]
     handoff = pulumi.Output.all(
         nodes=pulumi.Output.all(*entries),
         deploy_key=args.deploy_private_key,

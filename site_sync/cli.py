@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from enum import IntEnum
@@ -30,10 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a handoff document and print what it describes")
     check.add_argument("--handoff", required=True, choices=["-"], help="read the document from standard input")
     push = sub.add_parser("deploy", help="push the release and certificate to every node, then switch them together")
-    source = push.add_mutually_exclusive_group(required=True)
-    source.add_argument("--handoff", choices=["-"], help="read the handoff document from standard input")
-    source.add_argument("--lab", type=Path, metavar="LAB_JSON", help="deploy to the local lab described by this file")
-    push.add_argument("--site", type=Path, help="the site to deploy to the lab (default: example-site)")
+    push.add_argument("--handoff", required=True, choices=["-"], help="read the handoff document from standard input")
     push.add_argument("--wait", type=float, default=600, help="seconds to wait for a booting node (default 600)")
     seed = sub.add_parser(
         "seed", help="deploy only to nodes that serve nothing yet (a new node, before it takes its address)"
@@ -67,17 +63,9 @@ def main(
 def _deploy(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     ca_file = None
     try:
-        if getattr(args, "lab", None) is not None:
-            from edgecdn.lab import handoff_for
-
-            description = json.loads(args.lab.read_text())
-            site_dir = args.site or Path("example-site")
-            handoff = handoff_for(description, site_dir)
-            ca_file = description["ca_cert"]
-        else:
-            handoff = parse_handoff(stdin.read())
-            site_dir = Path(handoff.site_dir)
-    except (HandoffError, SiteError, OSError, KeyError, ValueError) as exc:
+        handoff = parse_handoff(stdin.read())
+        site_dir = Path(handoff.site_dir)
+    except (HandoffError, OSError, ValueError) as exc:
         print(f"site_sync: cannot start the deploy: {exc}", file=stderr)
         return ExitStatus.BAD_INPUT
     try:

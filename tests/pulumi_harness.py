@@ -132,6 +132,7 @@ class RecordingMonitor(MockMonitor):
             "retain_on_delete": request.retainOnDelete,
             "delete_before_replace": request.deleteBeforeReplace,
             "ignore_changes": list(request.ignoreChanges),
+            "replace_on_changes": list(request.replaceOnChanges),
         }
         return response
 

@@ -36,7 +36,7 @@ def run() -> Run:
 
 
 def node_resources(run: Run, node: str, typ: str) -> list:
-    return [r for r in run.of_type(typ) if f"EdgeNode$" in r.urn and r.name.startswith(f"{node}-")]
+    return [r for r in run.of_type(typ) if "EdgeNode$" in r.urn and r.name.startswith(f"{node}-")]
 
 
 def the(run: Run, node: str, typ: str):
@@ -63,6 +63,12 @@ def test_lightsail_deletes_that_act_by_name_are_retained(run: Run, node: str):
     assert attachment.options["retain_on_delete"], f"{attachment.urn}: its delete detaches the moved IP"
     assert firewall.options["retain_on_delete"], f"{firewall.urn}: its delete closes the new rules"
     assert not attachment.options["delete_before_replace"], "the IP must move, not be dropped and re-attached"
+
+
+def test_a_new_ec2_size_replaces_the_instance_instead_of_stopping_it(run: Run):
+    (instance,) = run.of_type("aws:ec2/instance:Instance")
+    assert instance.options["replace_on_changes"] == ["instanceType"], instance.urn
+    assert instance.options["ignore_changes"] == ["ami"], "a newer image must not replace a running node"
 
 
 def test_ec2_address_moves_in_one_call_and_is_never_disassociated(run: Run):

@@ -206,7 +206,9 @@ def pushes(run: Run) -> list:
 def test_deploy_commands_get_secrets_only_on_stdin(run: Run):
     for command in pushes(run):
         assert command.secret_inputs == {"stdin"}, command.urn
-        argv_and_env = json.dumps([command.state["create"], command.state.get("environment"), command.state["triggers"]])
+        argv_and_env = json.dumps(
+            [command.state["create"], command.state.get("environment"), command.state["triggers"]]
+        )
         for marker in SECRET_MARKERS:
             assert marker not in argv_and_env, command.urn
     push = run.named("site-deploy")
@@ -249,7 +251,13 @@ def test_stack_outputs_hold_no_secret_in_clear(run: Run):
     assert out["releaseId"] == release_id_of(PROJECT_DIR / "example-site")
     assert [n["name"] for n in out["nodes"]] == ["eu-central-1", "us-east-1", "sao-paulo"]
     assert out["nodes"][2]["ipv6"] is None and out["nodes"][0]["ipv6"].startswith("2001:db8::")
-    assert set(out["healthCheckIds"]) == {"eu-central-1", "eu-central-1-ipv6", "us-east-1", "us-east-1-ipv6", "sao-paulo"}
+    assert set(out["healthCheckIds"]) == {
+        "eu-central-1",
+        "eu-central-1-ipv6",
+        "us-east-1",
+        "us-east-1-ipv6",
+        "sao-paulo",
+    }
     assert all(line.split(" ", 1)[1].startswith("ssh-ed25519 ") for line in out["knownHosts"])
     cost = out["estimatedMonthlyCost"]
     assert cost["totalUsd"] == round(sum(i["usd"] for i in cost["items"]), 2)
