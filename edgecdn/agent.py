@@ -33,8 +33,39 @@ MAX_COMMAND = 4096
 MAX_MANIFEST_BYTES = 32 << 20
 MAX_MANIFEST_FILES = 200_000
 MAX_CERT_BYTES = 64 << 10
-MAX_RULES = 2000
+MAX_RULES = 1000
+# Bounds on what a site's _redirects may cost per request: Caddy tries the rules in order.
+MAX_RULE_WILDCARDS = 4
+MAX_RULES_BYTES = 64 << 10
 STAGING_STALE_SECONDS = 3600
+# The site's own rule files: read at finalize, never served.
+RULE_FILES = ("_redirects", "_headers", "_edgecdn.json")
+# What skew protection serves from the previous release: what pages load, not pages.
+SKEW_ASSET_TYPES = [
+    "css",
+    "js",
+    "mjs",
+    "map",
+    "wasm",
+    "woff",
+    "woff2",
+    "ttf",
+    "otf",
+    "eot",
+    "png",
+    "jpg",
+    "jpeg",
+    "gif",
+    "webp",
+    "avif",
+    "svg",
+    "ico",
+    "bmp",
+    "mp4",
+    "webm",
+    "mp3",
+    "ogg",
+]
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
 # Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
@@ -269,7 +300,10 @@ def verify_tree(tree: Path, files: list[dict]) -> None:
 
 _SAFE_TARGET = re.compile(r"^(/|https?://[A-Za-z0-9.-]+(:\d+)?/?)[A-Za-z0-9._~!$&'()*+,;=:@%/?#-]*$")
 _SAFE_SOURCE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+# Letters, digits and inner hyphens only: Caddy reads a leading + - ? > and a * in a header
+# name as an operation (add, delete, default, defer, wildcard), which would let a site remove
+# or shadow a protected header such as HSTS.
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,98}[A-Za-z0-9])?$")
 _REDIRECT_STATUSES = {"200", "301", "302", "307", "308"}
 _PROTECTED_HEADERS = {"x-edge-node", "x-edge-release", "strict-transport-security"}
 
@@ -310,9 +344,17 @@ def _substitute(target: str, names: list[str], rule: str) -> str:
     return re.sub(r":([A-Za-z_][A-Za-z0-9_]*)", repl, target)
 
 
+def _hidden_target(target: str) -> bool:
+    parts = target.split("?", 1)[0].lstrip("/").split("/")
+    if parts[0] == ".well-known":
+        parts = parts[1:]
+    return target.split("?", 1)[0].lstrip("/") in RULE_FILES or any(part.startswith(".") for part in parts)
+
+
 def compile_redirects(text: str) -> list[str]:
     """_redirects lines as Caddy directives, in file order."""
     out: list[str] = []
+    size = 0
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip() if not raw.strip().startswith("#") else ""
         if not line:
@@ -333,6 +375,13 @@ def compile_redirects(text: str) -> list[str]:
             raise AgentError(f"{where}: {target[:120]!r} is not a path or http(s) URL")
         if status == "200" and not target.startswith("/"):
             raise AgentError(f"{where}: a 200 rewrite must point at a path on this site, not a URL")
+        if status == "200" and _hidden_target(target):
+            raise AgentError(f"{where}: a 200 rewrite may not serve a rule file or a dotfile ({target[:120]!r})")
+        if source.count("*") + source.count("/:") > MAX_RULE_WILDCARDS:
+            raise AgentError(f"{where}: at most {MAX_RULE_WILDCARDS} wildcards and placeholders per rule")
+        size += len(source) + len(target)
+        if size > MAX_RULES_BYTES:
+            raise AgentError(f"_redirects: the patterns and targets exceed {MAX_RULES_BYTES} bytes")
         rule = f"r{len(out)}"
         regex, names = _pattern_regex(source)
         target = _substitute(target, names, rule)
@@ -384,10 +433,28 @@ def compile_headers(text: str) -> list[str]:
     return out
 
 
+def compile_settings(text: str) -> bool:
+    """_edgecdn.json: the site's own settings; today one, whether to redirect to canonical URLs."""
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        raise AgentError("_edgecdn.json is not JSON") from None
+    if not isinstance(settings, dict) or set(settings) - {"canonical_urls"}:
+        raise AgentError('_edgecdn.json takes one key, e.g. {"canonical_urls": true}')
+    canonical = settings.get("canonical_urls", False)
+    if not isinstance(canonical, bool):
+        raise AgentError("_edgecdn.json: canonical_urls must be true or false")
+    return canonical
+
+
 def compile_rules(tree: Path) -> dict:
-    """The release's own _redirects and _headers, checked and compiled."""
-    rules: dict = {"redirects": [], "headers": []}
-    for name, compile_fn in (("_redirects", compile_redirects), ("_headers", compile_headers)):
+    """The release's own _redirects, _headers and _edgecdn.json, checked and compiled."""
+    rules: dict = {"redirects": [], "headers": [], "canonical": False}
+    for name, key, compile_fn in (
+        ("_redirects", "redirects", compile_redirects),
+        ("_headers", "headers", compile_headers),
+        ("_edgecdn.json", "canonical", compile_settings),
+    ):
         path = tree / name
         if path.is_file():
             if path.stat().st_size > 1 << 20:
@@ -396,7 +463,7 @@ def compile_rules(tree: Path) -> dict:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise AgentError(f"{name} is not UTF-8 text") from None
-            rules[name.lstrip("_")] = compile_fn(text)
+            rules[key] = compile_fn(text)
     return rules
 
 
@@ -413,7 +480,7 @@ def _content_type_rule(index: int, content_type: str, extensions: str) -> str:
     return f"@type{index} path {patterns}\nheader @type{index} Content-Type {_caddy_quote(content_type)}"
 
 
-def _serve_from(release_dir: str, tag: str, depth: int) -> str:
+def _serve_from(release_dir: str, tag: str, depth: int, assets_only: bool = False) -> str:
     """Routes that serve a request from one release when the file exists there."""
     serve = [
         "rewrite {http.matchers.file.relative}",
@@ -429,41 +496,59 @@ def _serve_from(release_dir: str, tag: str, depth: int) -> str:
         *(_content_type_rule(i, ctype, exts) for i, (ctype, exts) in enumerate(CONTENT_TYPES.items())),
         "file_server {\n\tprecompressed br gzip\n\tdisable_canonical_uris\n}",
     ]
-    blocks = []
-    for kind, path_match, tries in (
-        ("dir", "path */", "{path}index.html"),
-        ("file", "not path */", "{path} {path}.html"),
-    ):
-        blocks.append(
-            f"@{tag}_{kind} {{\n\t{path_match}\n\tfile {{\n\t\troot {release_dir}\n"
-            f"\t\ttry_files {tries}\n\t}}\n}}\nroute @{tag}_{kind} {{\n" + _indent(serve, 1) + "}"
-        )
+    if assets_only:
+        kinds = [("file", f"path {' '.join('*.' + ext for ext in SKEW_ASSET_TYPES)}", "{path}")]
+    else:
+        kinds = [("dir", "path */", "{path}index.html"), ("file", "not path */", "{path} {path}.html")]
+    blocks = [
+        f"@{tag}_{kind} {{\n\t{path_match}\n\tfile {{\n\t\troot {release_dir}\n"
+        f"\t\ttry_files {tries}\n\t}}\n}}\nroute @{tag}_{kind} {{\n" + _indent(serve, 1) + "}"
+        for kind, path_match, tries in kinds
+    ]
     return _indent(blocks, depth)
 
 
-def _canonical_redirects(release_dir: str, depth: int) -> str:
-    """One URL per page: /a/index.html -> /a/, /a.html -> /a, /a -> /a/ (directory), /a/ -> /a."""
+# Redirects are built from the request's escaped URI ({http.request.uri}), never from the
+# decoded path, so a name with '#', '?', '%', spaces or non-ASCII leads back to the same file.
+_URI = "{http.request.uri}"
+_REDIRECT_CACHE = 'header Cache-Control "public, max-age=3600"'
+# Paths that could turn a Location into another host ("//evil.example", "/\evil.example") or
+# carry control characters, spelled out or percent-encoded: refused before any rule runs.
+UNSAFE_PATH = r"^[^?]*(//|\\|%5[cC]|%2[fF]|%[01][0-9a-fA-F]|%7[fF])"
+
+
+def _redirect(name: str, target: str) -> str:
+    return f"route @{name} {{\n\t{_REDIRECT_CACHE}\n\tredir {target} 308\n}}"
+
+
+def _pretty_url_redirects(release_dir: str, canonical: bool, depth: int) -> str:
+    """The redirects pretty URLs need: /dir -> /dir/, /page/ -> /page; with `canonical`, one URL per page.
+
+    By default /x, /x.html and /x/index.html are all served as they are (the links that Sphinx,
+    rustdoc and Jekyll output use), since a redirect costs a visitor a round trip per click.
+    """
     rules = [
-        # /x/index.html -> /x/
-        "@idx path_regexp idx ^(.*/)index\\.html$",
-        "route @idx {\n\t@idx_q expression {query} != ''\n\tredir @idx_q {re.idx.1}?{query} 308\n"
-        "\tredir {re.idx.1} 308\n}",
-        # /x.html -> /x
-        "@dothtml path_regexp dothtml ^(/.+)\\.html$",
-        "route @dothtml {\n\t@dothtml_q expression {query} != ''\n"
-        "\tredir @dothtml_q {re.dothtml.1}?{query} 308\n\tredir {re.dothtml.1} 308\n}",
-        # /x -> /x/ when x is a directory with an index and there is no x.html
+        # /x -> /x/ when x is a directory with an index and there is no file x or x.html
         f"@todir {{\n\tnot path */\n\tnot file {{\n\t\troot {release_dir}\n\t\ttry_files {{path}} "
-        f"{{path}}.html\n\t}}\n\tfile {{\n\t\troot {release_dir}\n\t\ttry_files {{path}}/index.html\n\t}}\n}}",
-        "route @todir {\n\t@todir_q expression {query} != ''\n\tredir @todir_q {path}/?{query} 308\n"
-        "\tredir {path}/ 308\n}",
-        # /x/ -> /x when only x.html exists
+        f"{{path}}.html\n\t}}\n\tfile {{\n\t\troot {release_dir}\n\t\ttry_files {{path}}/index.html\n\t}}\n"
+        f"\tvars_regexp todir {_URI} ^([^?]*)(\\?.*)?$\n}}",
+        _redirect("todir", "{re.todir.1}/{re.todir.2}"),
+        # /x/ -> /x when there is no x/index.html but an x.html
         "@slash path_regexp slash ^(/.+)/$",
         f"route @slash {{\n\t@tofile {{\n\t\tnot file {{\n\t\t\troot {release_dir}\n\t\t\ttry_files "
         f"{{path}}index.html\n\t\t}}\n\t\tfile {{\n\t\t\troot {release_dir}\n\t\t\ttry_files "
-        "{re.slash.1}.html\n\t\t}\n\t}\n\t@tofile_q expression {query} != ''\n"
-        "\tredir @tofile_q {re.slash.1}?{query} 308\n\tredir @tofile {re.slash.1} 308\n}",
+        f"{{re.slash.1}}.html\n\t\t}}\n\t\tvars_regexp tofile {_URI} ^(/[^?]*[^/?])/(\\?.*)?$\n\t}}\n"
+        f"\troute @tofile {{\n\t\t{_REDIRECT_CACHE}\n\t\tredir {{re.tofile.1}}{{re.tofile.2}} 308\n\t}}\n}}",
     ]
+    if canonical:
+        rules += [
+            # /x/index.html -> /x/
+            f"@idx vars_regexp idx {_URI} ^([^?]*/)index\\.html(\\?.*)?$",
+            _redirect("idx", "{re.idx.1}{re.idx.2}"),
+            # /x.html -> /x
+            f"@dothtml vars_regexp dothtml {_URI} ^(/[^?]+)\\.html(\\?.*)?$",
+            _redirect("dothtml", "{re.dothtml.1}{re.dothtml.2}"),
+        ]
     return _indent(rules, depth)
 
 
@@ -488,24 +573,37 @@ def render_site(layout: dict, current: str | None, previous: str | None, rules: 
     if not current:
         return text + 'handle {\n\trespond "no release is active on this node" 503\n}\n'
     cur = f"{releases}/{current}"
+
+    def not_found(tag: str) -> list[str]:
+        return [
+            'header Cache-Control "no-cache"',
+            f"root * {cur}",
+            f"@has404_{tag} file /404.html",
+            f"route @has404_{tag} {{\n\trewrite * /404.html\n\tfile_server {{\n\t\tstatus 404\n\t}}\n}}",
+            'respond "Not Found" 404',
+        ]
+
     redirects = rules.get("redirects", [])
     rewrites = [r for r in redirects if "\nrewrite " in r]
-    # Order: the site's headers, its redirects, the canonical-URL redirects, and only then its
-    # 200 rewrites, so a rewritten path is served, never redirected again.
-    body = _indent(rules.get("headers", []) + [r for r in redirects if r not in rewrites], 1)
-    body += _canonical_redirects(cur, 1)
+    guards = [
+        f"@unsafe vars_regexp unsafe {_URI} {_caddy_quote(UNSAFE_PATH)}",
+        'route @unsafe {\n\theader Cache-Control "no-cache"\n\trespond "Bad Request" 400\n}',
+        # The site's rule files and dotfiles (.git/, .env, .htaccess) are never served.
+        f"@hidden path {' '.join('/' + name for name in RULE_FILES)}",
+        "@dotted {\n\tpath_regexp dotted (^|/)\\.\n\tnot path /.well-known/*\n}",
+        *(f"route @{m} {{\n" + _indent(not_found(m), 1) + "}" for m in ("hidden", "dotted")),
+    ]
+    # Order: the guards, the site's headers, its redirects, the pretty-URL redirects, and only
+    # then its 200 rewrites, so a rewritten path is served, never redirected again.
+    body = _indent(guards + rules.get("headers", []) + [r for r in redirects if r not in rewrites], 1)
+    body += _pretty_url_redirects(cur, bool(rules.get("canonical")), 1)
     body += _indent(rewrites, 1)
     body += _serve_from(cur, "cur", 1)
     if previous:
-        body += _serve_from(f"{releases}/{previous}", "prev", 1)
-    not_found = [
-        'header Cache-Control "no-cache"',
-        f"root * {cur}",
-        "@has404 file /404.html",
-        "route @has404 {\n\trewrite * /404.html\n\tfile_server {\n\t\tstatus 404\n\t}\n}",
-        'respond "Not Found" 404',
-    ]
-    body += _indent(not_found, 1)
+        # Skew protection: a page loaded before a switch may still fetch its old assets, never
+        # an old page or document (a deleted page must be gone).
+        body += _serve_from(f"{releases}/{previous}", "prev", 1, assets_only=True)
+    body += _indent(not_found("end"), 1)
     return text + "handle {\n\troute {\n" + body + "\t}\n}\n"
 
 

@@ -96,6 +96,13 @@ def render_caddyfile(layout: NodeLayout) -> str:
 	grace_period 5s
 	servers {{
 		protocols h1 h2 h3
+		# A client gets 10 s to send its headers and keeps an idle connection 2 minutes, so a
+		# slow-header client cannot hold connections open (slowloris).
+		timeouts {{
+			read_header 10s
+			read_body 10s
+			idle 2m
+		}}
 	}}
 }}
 
@@ -115,6 +122,15 @@ http://:{layout.http_port} {{
 		protocols tls1.2 tls1.3
 	}}
 	import {layout.state_dir}/site.caddy
+}}
+
+# Any other Host over HTTPS: no site, a clear 421.
+https://:{layout.https_port} {{
+{bind}	tls {layout.tls_dir}/fullchain.pem {layout.tls_dir}/key.pem {{
+		protocols tls1.2 tls1.3
+	}}
+	import {layout.state_dir}/identity.caddy
+	respond "unknown host" 421
 }}
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from site_sync.build import build_release
 from site_sync.handoff import Handoff, NodeTarget
 from site_sync.probe import check_health
+from site_sync.release import left_out_paths
 from site_sync.transport import Agent, AgentRefusedError, Credentials, TransportError, credentials
 
 KEEP_RELEASES = 3
@@ -110,6 +111,10 @@ def deploy(
             )
         result = DeployResult(release.release_id)
         log(f"release {release.release_id}: {len(release.entries)} files, {len(handoff.nodes)} nodes")
+        left_out = left_out_paths(site_dir)
+        if left_out:
+            shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            log(f"  left out of the release (dotfiles are never published): {shown}")
         plans: dict[str, NodePlan] = {}
 
         def stage(node: NodeTarget) -> None:

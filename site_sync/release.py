@@ -31,14 +31,41 @@ class SiteFile:
     sha256: str
 
 
+def is_left_out(rel: str) -> bool:
+    """Dotfiles and dot-directories (.git/, .env, .DS_Store) never become part of a release.
+
+    A site's build output may carry them by accident (a planted .git/config held a credential);
+    /.well-known/ is the exception, being meant for the web.
+    """
+    parts = rel.split("/")
+    if parts[0] == ".well-known":
+        parts = parts[1:]
+    return any(part.startswith(".") for part in parts)
+
+
+def left_out_paths(site_dir: Path) -> list[str]:
+    """The dotfiles and dot-directories of a site that a release leaves out, for the deploy to say so."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(site_dir):
+        rel_dir = Path(dirpath).relative_to(site_dir).as_posix()
+        for name in sorted(dirnames + filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if is_left_out(rel):
+                found.append(rel + ("/" if name in dirnames else ""))
+        dirnames[:] = [d for d in dirnames if not is_left_out(d if rel_dir == "." else f"{rel_dir}/{d}")]
+    return found
+
+
 def scan_site(site_dir: Path) -> list[SiteFile]:
-    """Every regular file under site_dir, sorted by path; refuses links and special files."""
+    """Every regular file under site_dir but dotfiles, sorted by path; refuses links and special files."""
     root = Path(site_dir)
     if not (root / "index.html").is_file():
         raise SiteError(f"{root} has no index.html; point siteDir at the generated site")
     files: list[SiteFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        dirnames[:] = sorted(d for d in dirnames if not is_left_out(d if rel_dir == "." else f"{rel_dir}/{d}"))
+        filenames = [f for f in filenames if not is_left_out(f if rel_dir == "." else f"{rel_dir}/{f}")]
         for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
             full = Path(dirpath) / name
             rel = full.relative_to(root).as_posix()

@@ -106,6 +106,16 @@ def write_test_site(root: Path, extra: dict[str, bytes] | None = None) -> Path:
         "assets/index-BmF4dz3q.js": b"export {}",
         "img/screenshot2.png": b"\x89PNG\r\n\x1a\n",
         "files/report_20240101.pdf": b"%PDF-1.4",
+        # Names that need escaping in a URL, and files a site carries but must never serve.
+        "notes/c#-notes.html": b"<!doctype html><title>c# notes</title>",
+        "what?.html": b"<!doctype html><title>what</title>",
+        "100%.html": b"<!doctype html><title>percent</title>",
+        "caf\u00e9.html": b"<!doctype html><title>cafe</title>",
+        "with space/index.html": b"<!doctype html><title>space</title>",
+        ".git/config": b"[remote]\n\turl = https://user:secret@git.example/repo\n",
+        ".env": b"SECRET=1\n",
+        ".well-known/security.txt": b"Contact: mailto:security@example.com\n",
+        "deleted-page.html": b"<!doctype html><title>only in the first release</title>",
     }
     redirects = (root / "_redirects").read_bytes() + b"/go/:id /posts/:id/ 307\n/app/* /index.html 200\n"
     headers = (root / "_headers").read_bytes() + b"/robots.txt\n  Cache-Control: public, max-age=60\n"

@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     first = write_test_site(base / "first")
     second = write_test_site(base / "second", {"index.html": b"<!doctype html><h1>second release</h1>"})
     (second / "assets" / "old-only.3b9d2e1f0a.js").unlink()
+    (second / "deleted-page.html").unlink()
     return {"first": first, "second": second}
 
 
@@ -177,21 +179,88 @@ def test_every_response_names_the_node_and_release(lab: Lab, sites, path):
     ("path", "status", "location"),
     [
         ("/about", 200, None),
-        ("/about.html", 308, "/about"),
+        ("/about.html", 200, None),
         ("/about/", 308, "/about"),
         ("/posts/hello-world/", 200, None),
         ("/posts/hello-world", 308, "/posts/hello-world/"),
-        ("/posts/hello-world/index.html", 308, "/posts/hello-world/"),
-        ("/posts/hello-world/index.html?x=1", 308, "/posts/hello-world/?x=1"),
+        ("/posts/hello-world?x=1", 308, "/posts/hello-world/?x=1"),
+        ("/posts/hello-world/index.html", 200, None),
         ("/docs", 308, "/docs/"),
-        ("/index.html", 308, "/"),
+        ("/index.html", 200, None),
     ],
 )
-def test_pretty_urls_have_one_canonical_form(lab: Lab, path, status, location):
+def test_links_a_site_uses_are_served_without_a_redirect(lab: Lab, path, status, location):
+    # Sphinx, rustdoc and Jekyll link to page.html and dir/index.html: a redirect per click
+    # would cost every visitor a round trip. Only /dir -> /dir/ (relative links need it) and
+    # /page/ -> /page redirect, and those redirects may be cached.
     answer = lab.get(path)
     assert answer.status == status, answer.body[:200]
     if location:
         assert answer.headers["location"] == location
+        assert answer.headers["cache-control"] == "public, max-age=3600"
+
+
+@pytest.mark.parametrize(
+    ("path", "title_or_location"),
+    [
+        ("/notes/c%23-notes", b"c# notes"),
+        ("/notes/c%23-notes.html", b"c# notes"),
+        ("/what%3F", b"what"),
+        ("/100%25", b"percent"),
+        ("/caf%C3%A9", b"cafe"),
+        ("/with%20space", "/with%20space/"),
+        ("/with%20space?q=a%20b", "/with%20space/?q=a%20b"),
+    ],
+)
+def test_names_that_need_escaping_lead_back_to_their_file(lab: Lab, path, title_or_location):
+    answer = lab.get(path)
+    if isinstance(title_or_location, bytes):
+        assert answer.status == 200 and title_or_location in answer.body, (answer.status, answer.body[:200])
+    else:
+        assert answer.status == 308 and answer.headers["location"] == title_or_location
+        assert lab.get(title_or_location).status == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/%5Cevil.example.html", "/%5cevil.example", "//evil.example", "//evil.example.html", "/blog//evil.example",
+     "/p/%2Fevil.example", "/about%0d%0aSet-Cookie:%20x=1"],
+)  # fmt: skip
+def test_no_request_path_can_redirect_off_site(lab: Lab, path):
+    answer = lab.get(path)
+    assert answer.status == 400, (answer.status, answer.headers.get("location"))
+    assert "location" not in answer.headers
+
+
+@pytest.mark.parametrize("path", ["/_redirects", "/_headers", "/.git/config", "/.env", "/.well-known/.x"])
+def test_rule_files_and_dotfiles_are_never_served(lab: Lab, path):
+    answer = lab.get(path)
+    assert answer.status == 404 and b"secret" not in answer.body
+
+
+def test_dotfiles_never_reach_a_node_but_well_known_does(lab: Lab):
+    release = lab.node_dir(0) / "srv" / "current"
+    assert not (release / ".git").exists() and not (release / ".env").exists()
+    assert lab.get("/.well-known/security.txt").status == 200
+
+
+@pytest.mark.parametrize("sni", ["edgecdn.test", "evil.example"])
+def test_an_unknown_host_gets_no_site(lab: Lab, sni):
+    import socket
+
+    n = lab.nodes[0]
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # as a scanner would
+    with (
+        socket.create_connection((n["address"], n["https_port"]), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=sni) as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 421 "), answer[:200]
+    assert b"Served from the edge" not in answer
 
 
 def test_missing_page_gets_the_site_404_with_status_404(lab: Lab):
@@ -229,6 +298,9 @@ def test_redirects_file_307_and_200_rewrite(lab: Lab):
         ("/a /{env.SECRET}", "is not a path or http(s) URL"),
         ("a /b", "is not a path starting with '/'"),
         ("/a /b 301 extra", "expected 'from to [status]'"),
+        ("/a/*/*/*/*/* /b 301", "at most 4 wildcards and placeholders"),
+        ("/a /.git/config 200", "may not serve a rule file or a dotfile"),
+        ("/a /_headers 200", "may not serve a rule file or a dotfile"),
     ],
 )
 def test_bad_redirect_rules_are_refused_with_their_line(line, problem):
@@ -282,6 +354,13 @@ def test_headers_file_overrides_the_cache_policy(lab: Lab):
     [
         ("/a\n  X-Bad: {env.HOME}", "control character, brace or backslash"),
         ("/a\n  X-Edge-Node: spoofed", "is not a header name a site may set"),
+        ("/a\n  -Strict-Transport-Security: x", "is not a header name a site may set"),
+        ("/a\n  ! -Strict-Transport-Security", "is not a header name a site may set"),
+        ("/a\n  +Strict-Transport-Security: max-age=0", "is not a header name a site may set"),
+        ("/a\n  ?Strict-Transport-Security: max-age=0", "is not a header name a site may set"),
+        ("/a\n  Strict-*: x", "is not a header name a site may set"),
+        ('/a\n  "Strict-Transport-Security": x', "is not a header name a site may set"),
+        ("/a\n  strict-transport-security: max-age=0", "is not a header name a site may set"),
         ("  X-Early: 1", "must follow a path pattern"),
         ("/a\n  no colon here", "expected 'Name: value'"),
     ],
@@ -291,6 +370,35 @@ def test_bad_header_rules_are_refused(text, problem):
 
     with pytest.raises(AgentError, match=problem):
         compile_headers(text)
+
+
+def test_redirect_rules_are_bounded_in_size():
+    from edgecdn.agent import AgentError, compile_redirects
+
+    rules = "".join(f"/{'a' * 60}{i}/* /{'b' * 60}{i}/:splat 301\n" for i in range(600))
+    with pytest.raises(AgentError, match="exceed 65536 bytes"):
+        compile_redirects(rules)
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(lab: Lab):
+    import socket
+
+    n = lab.nodes[0]
+    context = ssl.create_default_context(cafile=lab.ca)
+    with (
+        socket.create_connection((n["address"], n["https_port"]), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=lab.domain) as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: edgecdn.test\r\n")  # and never the blank line
+        tls.settimeout(20)
+        started = time.monotonic()
+        try:
+            leftover = tls.recv(1024)
+        except (ConnectionResetError, ssl.SSLError):
+            leftover = b""
+        waited = time.monotonic() - started
+    assert leftover in (b"",) or leftover.startswith(b"HTTP/1.1 408"), leftover
+    assert waited < 15, f"the connection was held {waited:.0f} s"
 
 
 @pytest.mark.parametrize(("accept", "encoding"), [("br", "br"), ("gzip", "gzip"), ("br, gzip", "br"), (None, None)])
@@ -519,6 +627,10 @@ def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab,
     old_asset = lab.get("/assets/old-only.3b9d2e1f0a.js")
     assert old_asset.status == 200 and b"only in the first release" in old_asset.body
     assert lab.get("/assets/never-existed.0123456789.js").status == 404
+    # Skew protection covers assets a loaded page still fetches, never a deleted page.
+    for path in ("/deleted-page", "/deleted-page.html"):
+        gone = lab.get(path)
+        assert gone.status == 404 and gone.headers["x-edge-release"] == second, path
 
 
 def test_deploying_the_same_release_again_changes_nothing(lab: Lab, sites):
@@ -578,3 +690,21 @@ def test_lab_supervisor_gives_up_on_a_program_that_keeps_failing():
         [sys.executable, "-m", "edgecdn.lab", "supervise", "--", "false"], capture_output=True, text=True, timeout=30
     )
     assert started.returncode == 1 and "giving up" in started.stderr
+
+
+def test_canonical_urls_are_a_sites_opt_in(lab: Lab, sites, tmp_path: Path):
+    canonical = write_test_site(tmp_path / "canonical", {"_edgecdn.json": b'{"canonical_urls": true}'})
+    lab_module.deploy_site(lab.description, canonical, log=lambda _: None)
+    for path, location in [
+        ("/about.html", "/about"),
+        ("/posts/hello-world/index.html", "/posts/hello-world/"),
+        ("/posts/hello-world/index.html?x=1", "/posts/hello-world/?x=1"),
+        ("/notes/c%23-notes.html", "/notes/c%23-notes"),
+        ("/index.html", "/"),
+    ]:
+        answer = lab.get(path)
+        assert (answer.status, answer.headers.get("location")) == (308, location), path
+        assert answer.headers["cache-control"] == "public, max-age=3600"
+    assert lab.get("/about").status == 200
+    assert lab.get("/%5Cevil.example.html").status == 400
+    assert lab.get("/_edgecdn.json").status == 404
