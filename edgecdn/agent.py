@@ -69,8 +69,10 @@ SKEW_ASSET_TYPES = [
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
 # Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
+# HTML gets no charset parameter: it would override the page's own <meta charset> (an
+# ISO-8859-1 page was garbled); text formats without such a declaration get UTF-8.
 CONTENT_TYPES = {
-    "text/html; charset=utf-8": "html htm",
+    "text/html": "html htm",
     "text/css; charset=utf-8": "css",
     "text/javascript; charset=utf-8": "js mjs",
     "application/json": "json map",
@@ -82,12 +84,19 @@ CONTENT_TYPES = {
     "image/webp": "webp",
     "application/manifest+json": "webmanifest",
     "application/xml": "xml",
-    "text/plain; charset=utf-8": "txt",
+    "text/plain; charset=utf-8": "txt py rs c h md rst ini cfg toml yaml yml",
+    "text/csv; charset=utf-8": "csv",
+    "font/otf": "otf",
+    "font/ttf": "ttf",
+    "application/vnd.ms-fontobject": "eot",
+    "image/vnd.microsoft.icon": "ico",
 }
-# A name part right before the extension that looks like a content hash: 8+ lower-case hex with
-# both a digit and a letter (app.8d1e0f3a.js), or 8+ characters mixing upper case, lower case
-# and digits (index-BmF4dz3q.js). Dates, words and "screenshot2" are not hashes: a false match
-# would pin a changed file in browsers for a year, a miss only costs a revalidation.
+# A name part right before the extension, after a separator, that looks like a content hash:
+# 8+ lower-case hex with both a digit and a letter (app.8d1e0f3a.js, rustdoc-b0742ba02757f159.css),
+# or 8+ letters and digits where a letter stands between two digits, i.e. digits spread through
+# it (index-BmF4dz3q.js, chunk-7D3V6S5Z.js). Words with a trailing number (trait.DirEntryExt2.js,
+# screenshot2.png) and dates are not hashes: a false match would pin a changed file in browsers
+# for a year, while a miss only costs a revalidation.
 _SEGMENT = "[-._~]{}[.][a-z0-9]+$"
 FINGERPRINT_ALL = (
     _SEGMENT.format("[0-9a-f]{8,}"),
@@ -96,9 +105,7 @@ FINGERPRINT_ALL = (
 )
 FINGERPRINT_MIXED = (
     _SEGMENT.format("[0-9A-Za-z]{8,}"),
-    _SEGMENT.format("[0-9A-Za-z]*[A-Z][0-9A-Za-z]*"),
-    _SEGMENT.format("[0-9A-Za-z]*[a-z][0-9A-Za-z]*"),
-    _SEGMENT.format("[0-9A-Za-z]*[0-9][0-9A-Za-z]*"),
+    _SEGMENT.format("[0-9A-Za-z]*[0-9][0-9A-Za-z]*[A-Za-z][0-9A-Za-z]*[0-9][0-9A-Za-z]*"),
 )
 
 
@@ -490,7 +497,7 @@ def _serve_from(release_dir: str, tag: str, depth: int, assets_only: bool = Fals
         'header ?Cache-Control "public, max-age=3600"',
         f"@fingerprinted expression `{_fingerprint_expression()}`",
         'header @fingerprinted ?Cache-Control "public, max-age=31536000, immutable"',
-        "@html path *.html",
+        "@html path *.html *.htm",
         'header @html ?Cache-Control "no-cache"',
         "header ?Vary Accept-Encoding",
         *(_content_type_rule(i, ctype, exts) for i, (ctype, exts) in enumerate(CONTENT_TYPES.items())),

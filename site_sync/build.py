@@ -20,8 +20,10 @@ import brotli
 
 from site_sync.release import release_id, scan_site
 
+# Text and the font and icon formats that are not compressed already (woff and woff2 are).
 COMPRESSIBLE = frozenset(
-    {".html", ".htm", ".css", ".js", ".mjs", ".json", ".svg", ".xml", ".txt", ".webmanifest", ".map", ".wasm", ".ico"}
+    ".html .htm .css .js .mjs .json .svg .xml .txt .webmanifest .map .wasm .ico .otf .ttf .eot "
+    ".py .rs .c .h .md .rst .ini .cfg .toml .yaml .yml .csv".split()
 )
 MIN_COMPRESS_BYTES = 256
 

@@ -116,6 +116,13 @@ def write_test_site(root: Path, extra: dict[str, bytes] | None = None) -> Path:
         ".env": b"SECRET=1\n",
         ".well-known/security.txt": b"Contact: mailto:security@example.com\n",
         "deleted-page.html": b"<!doctype html><title>only in the first release</title>",
+        # Web fonts and text formats real sites carry (Sphinx ships its sources as .txt and .py).
+        "fonts/a.otf": b"OTTO" + bytes(range(256)) * 2,
+        "fonts/a.ttf": b"\x00\x01\x00\x00" + b"glyf" * 200,
+        "fonts/a.eot": b"\x00" * 300,
+        "favicon.ico": b"\x00\x00\x01\x00" + b"\x00" * 60,
+        "src/example.py": b"def hello():\n    return 'hello'\n" * 20,
+        "legacy.htm": "<html><head><meta charset=iso-8859-1><title>caf\u00e9</title></head></html>".encode("latin-1"),
     }
     redirects = (root / "_redirects").read_bytes() + b"/go/:id /posts/:id/ 307\n/app/* /index.html 200\n"
     headers = (root / "_headers").read_bytes() + b"/robots.txt\n  Cache-Control: public, max-age=60\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -345,6 +346,41 @@ def test_only_names_carrying_a_content_hash_are_immutable(lab: Lab, path, immuta
     assert (cache_control == "public, max-age=31536000, immutable") is immutable, cache_control
 
 
+@pytest.mark.parametrize(
+    ("name", "fingerprinted"),
+    [
+        # Names from real sites' output: rustdoc, Sphinx, Jekyll, Hugo, Vite, esbuild, webpack.
+        ("/std/os/unix/fs/trait.DirEntryExt2.js", False),
+        ("/std/primitive.u8.js", False),
+        ("/core/arch/x86_64/fn._mm256_add_epi32.js", False),
+        ("/static.files/rustdoc-b0742ba02757f159.css", True),
+        ("/static.files/main-1f7d512b176f0f72.js", True),
+        ("/_static/sphinx_highlight.js", False),
+        ("/_static/documentation_options.js", False),
+        ("/library/2to3.html", False),
+        ("/assets/main.css", False),
+        ("/2024/01/01/welcome-to-jekyll.html", False),
+        ("/css/main.min.8d1e0f3a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6.css", True),
+        ("/assets/index-BmF4dz3q.js", True),
+        ("/assets/chunk-7D3V6S5Z.js", True),
+        ("/js/main.4f9c2b7e.chunk.js", False),
+        ("/js/2.4f9c2b7e.chunk.js", False),
+        ("/static/js/main.4f9c2b7e.js", True),
+        ("/img/IMG_20240101_123456.jpg", False),
+        ("/lib/jquery-3.6.0.min.js", False),
+        ("/fonts/Inter-Regular2.woff2", False),
+        ("/docs/python3.12.js", False),
+    ],
+)
+def test_the_fingerprint_rule_on_names_real_sites_use(name, fingerprinted):
+    from edgecdn.agent import FINGERPRINT_ALL, FINGERPRINT_MIXED
+
+    def all_of(patterns: tuple[str, ...]) -> bool:
+        return all(re.search(p, name) for p in patterns)
+
+    assert (all_of(FINGERPRINT_ALL) or all_of(FINGERPRINT_MIXED)) is fingerprinted
+
+
 def test_headers_file_overrides_the_cache_policy(lab: Lab):
     assert lab.get("/robots.txt").headers["cache-control"] == "public, max-age=60"
 
@@ -411,6 +447,18 @@ def test_precompressed_siblings_are_served_when_accepted(lab: Lab, accept, encod
     assert answer.headers["content-type"].startswith("text/css")
 
 
+def test_html_keeps_its_own_charset_and_htm_is_html(lab: Lab):
+    legacy = lab.get("/legacy.htm")
+    assert legacy.headers["content-type"] == "text/html", "a charset here would override the page's own"
+    assert legacy.headers["cache-control"] == "no-cache"
+    assert lab.get("/about").headers["content-type"] == "text/html"
+
+
+@pytest.mark.parametrize("path", ["/fonts/a.ttf", "/fonts/a.otf", "/src/example.py"])
+def test_uncompressed_fonts_and_text_are_served_compressed(lab: Lab, path):
+    assert lab.get(path, headers={"Accept-Encoding": "br"}).headers.get("content-encoding") == "br"
+
+
 def test_small_or_incompressible_files_get_no_siblings(sites, tmp_path: Path):
     release = build_release(sites["first"], tmp_path / "build")
     derived = {e.path for e in release.entries if e.derived}
@@ -434,6 +482,12 @@ def test_small_or_incompressible_files_get_no_siblings(sites, tmp_path: Path):
         ("/site.webmanifest", "application/manifest+json"),
         ("/feed.xml", "text/xml"),
         ("/robots.txt", "text/plain"),
+        ("/fonts/a.otf", "font/otf"),
+        ("/fonts/a.ttf", "font/ttf"),
+        ("/fonts/a.eot", "application/vnd.ms-fontobject"),
+        ("/favicon.ico", "image/vnd.microsoft.icon"),
+        ("/src/example.py", "text/plain"),
+        ("/legacy.htm", "text/html"),
     ],
 )
 def test_content_types(lab: Lab, path, content_type):
