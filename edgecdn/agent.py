@@ -41,31 +41,9 @@ STAGING_STALE_SECONDS = 3600
 # The site's own rule files: read at finalize, never served.
 RULE_FILES = ("_redirects", "_headers", "_edgecdn.json")
 # What skew protection serves from the previous release: what pages load, not pages.
-SKEW_ASSET_TYPES = [
-    "css",
-    "js",
-    "mjs",
-    "map",
-    "wasm",
-    "woff",
-    "woff2",
-    "ttf",
-    "otf",
-    "eot",
-    "png",
-    "jpg",
-    "jpeg",
-    "gif",
-    "webp",
-    "avif",
-    "svg",
-    "ico",
-    "bmp",
-    "mp4",
-    "webm",
-    "mp3",
-    "ogg",
-]
+SKEW_ASSET_TYPES = (
+    "css js mjs map wasm woff woff2 ttf otf eot png jpg jpeg gif webp avif svg ico bmp mp4 webm mp3 ogg".split()
+)
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
 # Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
