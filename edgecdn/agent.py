@@ -12,7 +12,9 @@ byte as it is reviewed here; the node's paths, ports and names come from `layout
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -22,8 +24,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import syslog
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 LAYOUT_FILE = "layout.json"
@@ -38,6 +43,7 @@ MAX_RULES = 1000
 MAX_RULE_WILDCARDS = 4
 MAX_RULES_BYTES = 64 << 10
 STAGING_STALE_SECONDS = 3600
+RELOAD_TIMEOUT = 30
 # The site's own rule files: read at finalize, never served.
 RULE_FILES = ("_redirects", "_headers", "_edgecdn.json")
 # What skew protection serves from the previous release: what pages load, not pages.
@@ -213,7 +219,11 @@ def release_id_of(entries: list[dict]) -> str:
 
 
 def _valid_rel_path(rel: str) -> bool:
-    if not rel or rel.startswith("/") or "\\" in rel or len(rel.encode()) > 1024:
+    try:
+        encoded = rel.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    if not rel or rel.startswith("/") or "\\" in rel or len(encoded) > 1024:
         return False
     if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
         return False
@@ -600,19 +610,25 @@ def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 60) -> su
 
 
 def _reload_caddy(layout: dict) -> None:
-    result = _run(
-        [
-            layout["caddy_bin"],
-            "reload",
-            "--config",
-            layout["caddyfile"],
-            "--adapter",
-            "caddyfile",
-            "--address",
-            f"unix/{layout['admin_socket']}",
-            "--force",
-        ]
-    )
+    try:
+        result = _run(
+            [
+                layout["caddy_bin"],
+                "reload",
+                "--config",
+                layout["caddyfile"],
+                "--adapter",
+                "caddyfile",
+                "--address",
+                f"unix/{layout['admin_socket']}",
+                "--force",
+            ],
+            timeout=RELOAD_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise AgentError(
+            f"the web server did not confirm the new configuration within {RELOAD_TIMEOUT} s", "reload"
+        ) from None
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise AgentError(f"the web server refused the new configuration: {detail[0][:300]}", "reload")
@@ -634,25 +650,26 @@ def _write_site(paths: Paths, current: str | None, previous: str | None) -> None
 
 
 def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
-    """Point current/previous at releases and make the web server serve them, or change nothing."""
-    old = (paths.link_target(paths.current), paths.link_target(paths.previous))
+    """Make the web server serve these releases, then record them; on any failure change nothing.
+
+    The recorded state (the current and previous links that `status` reports) moves only once
+    the web server has confirmed the new configuration.
+    """
     snippets = (paths.site_snippet, paths.identity_snippet)
     old_snippets = {p: p.read_bytes() for p in snippets if p.exists()}
     _write_site(paths, current, previous)
-    for link, target in ((paths.previous, previous), (paths.current, current)):
-        if target:
-            _atomic_symlink(link, f"releases/{target}")
     try:
         _reload_caddy(paths.layout)
     except AgentError:
-        for link, target in ((paths.previous, old[1]), (paths.current, old[0])):
-            if target:
-                _atomic_symlink(link, f"releases/{target}")
-            else:
-                link.unlink(missing_ok=True)
         for path, content in old_snippets.items():
             _atomic_write(path, content, 0o644)
+        # After a timeout the server may hold either config: give it the old one again.
+        with contextlib.suppress(AgentError):
+            _reload_caddy(paths.layout)
         raise
+    for link, target in ((paths.previous, previous), (paths.current, current)):
+        if target:
+            _atomic_symlink(link, f"releases/{target}")
 
 
 def do_init(paths: Paths) -> dict:
@@ -847,39 +864,94 @@ def do_receive(paths: Paths, command: str) -> None:
 # ---------------------------------------------------------------- entry point
 
 
+@dataclass(frozen=True)
+class Verb:
+    """One request the agent serves: its arguments' patterns, whether it changes the node, who may ask."""
+
+    run: Callable[..., dict]
+    args: tuple[tuple[str, str], ...] = ()
+    optional: int = 0
+    changes_state: bool = True
+    local_only: bool = False
+
+
+# Each argument: its pattern, and what a refusal says it should be.
+_RELEASE_ARG = (RELEASE_ID.pattern, "a release id (20 lower-case hex digits)")
+_KEEP_ARG = (r"^(?:[2-9]|[1-9][0-9])$", "a number of releases to keep, 2 to 99")
+VERBS: dict[str, Verb] = {
+    "status": Verb(lambda paths: do_status(paths), changes_state=False),
+    "finalize": Verb(lambda paths, rid: do_finalize(paths, rid), args=(_RELEASE_ARG,)),
+    "activate": Verb(lambda paths, rid: do_activate(paths, rid), args=(_RELEASE_ARG,)),
+    "rollback": Verb(lambda paths: do_rollback(paths)),
+    "prune": Verb(lambda paths, keep="3": do_prune(paths, int(keep)), args=(_KEEP_ARG,), optional=1),
+    "install-cert": Verb(lambda paths: do_install_cert(paths)),
+    "init": Verb(lambda paths: do_init(paths), local_only=True),
+}
+
+
+def usage() -> str:
+    """The verbs the deploy key may use, from the table."""
+    remote = [
+        " ".join([name, *("ID" if a is _RELEASE_ARG else "[N]" for a in verb.args)])
+        for name, verb in VERBS.items()
+        if not verb.local_only
+    ]
+    return "verbs: " + ", ".join(remote) + ", and rsync uploads"
+
+
 def dispatch(words: list[str], paths: Paths, local: bool) -> dict:
-    """Run one verb; every argument is validated here."""
-    verb, args = words[0], words[1:]
-    if verb == "finalize" and len(args) == 1:
-        return do_finalize(paths, args[0])
-    if verb == "activate" and len(args) == 1:
-        return do_activate(paths, _checked_release(args[0]))
-    if verb == "rollback" and not args:
-        return do_rollback(paths)
-    if verb == "status" and not args:
-        return do_status(paths)
-    if verb == "prune" and len(args) <= 1:
-        keep = args[0] if args else "3"
-        if not re.fullmatch(r"[0-9]{1,2}", keep) or int(keep) < 2:
-            raise AgentError("prune takes a number of releases to keep, 2 to 99")
-        return do_prune(paths, int(keep))
-    if verb == "install-cert" and not args:
-        return do_install_cert(paths)
-    if verb == "init" and not args and local:
-        return do_init(paths)
-    raise AgentError(
-        f"unknown or malformed request {' '.join(words)[:80]!r}; verbs: finalize ID, activate ID, "
-        "rollback, status, prune [N], install-cert, and rsync uploads"
-    )
+    """Run one verb after checking it and its arguments against the table."""
+    name, args = words[0], words[1:]
+    verb = VERBS.get(name)
+    if verb is None or (verb.local_only and not local):
+        raise AgentError(f"unknown or malformed request {' '.join(words)[:80]!r}; {usage()}")
+    if not len(verb.args) - verb.optional <= len(args) <= len(verb.args):
+        raise AgentError(f"unknown or malformed request {' '.join(words)[:80]!r}; {usage()}")
+    for value, (pattern, expected) in zip(args, verb.args, strict=False):
+        if not re.match(pattern, value):
+            raise AgentError(f"{name}: {value[:40]!r} is not {expected}")
+    if not verb.changes_state:
+        return verb.run(paths, *args)
+    with _state_lock(paths):
+        return verb.run(paths, *args)
+
+
+@contextlib.contextmanager
+def _state_lock(paths: Paths) -> Iterator[None]:
+    """One state-changing request at a time; a second deployer is told the node is busy."""
+    paths.state.mkdir(parents=True, exist_ok=True)
+    with open(paths.state / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AgentError(
+                "another deploy is changing this node right now; try again when it is done", "busy"
+            ) from None
+        yield
+
+
+def _audit(words: list[str], outcome: str) -> None:
+    """One line per request to the system log: what was asked, from where, and how it ended."""
+    client = (os.environ.get("SSH_CONNECTION") or "local").split(" ")[0]
+    request = " ".join(words)[:200].encode("unicode_escape", "replace").decode()
+    syslog.openlog("edgecdn-agent", 0, syslog.LOG_AUTH)
+    syslog.syslog(syslog.LOG_INFO, f"client={client} request={request!r} outcome={outcome}")
+
+
+# Exit codes: what went wrong, for the deployer and for a person at a terminal.
+EXIT_OK, EXIT_REFUSED, EXIT_INTERNAL, EXIT_BUSY = 0, 2, 3, 4
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one request and print one JSON object."""
+    """Serve one request and print one JSON object; never a traceback."""
     os.umask(0o022)
-    paths = Paths(json.loads(Path(__file__).with_name(LAYOUT_FILE).read_text()))
-    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    words: list[str] = []
     try:
-        if original is not None:
+        paths = Paths(json.loads(Path(__file__).with_name(LAYOUT_FILE).read_text()))
+        # Remote whenever sshd ran us (with the deploy key's forced command), whatever else is set.
+        remote = "SSH_CONNECTION" in os.environ
+        if remote:
+            original = os.environ.get("SSH_ORIGINAL_COMMAND", "")
             if len(original) > MAX_COMMAND:
                 raise AgentError("request is too long")
             try:
@@ -889,24 +961,26 @@ def main(argv: list[str] | None = None) -> int:
             if words[:2] == ["rsync", "--server"]:
                 if "--sender" in words:
                     raise AgentError("downloads are not allowed; the deploy key only uploads")
+                _audit(words, "upload")
                 do_receive(paths, original)
-            local = False
         else:
             words = list(sys.argv[1:] if argv is None else argv)
-            local = True
         if not words:
-            raise AgentError("no request given; this key only runs the edgecdn deploy agent")
-        result = dispatch(words, paths, local)
+            raise AgentError(f"no request given; this key only runs the edgecdn deploy agent ({usage()})")
+        result = dispatch(words, paths, local=not remote)
         print(json.dumps({"ok": True, **result}))
-        return 0
+        _audit(words, "ok")
+        return EXIT_OK
     except AgentError as exc:
         print(json.dumps({"ok": False, "error": exc.code, "message": str(exc)}))
         # Also on stderr, where rsync and a person at a terminal look.
         print(f"edgecdn agent: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, subprocess.SubprocessError) as exc:
-        print(json.dumps({"ok": False, "error": "internal", "message": f"{type(exc).__name__}: {exc}"}))
-        return 3
+        _audit(words, f"refused:{exc.code}")
+        return EXIT_BUSY if exc.code == "busy" else EXIT_REFUSED
+    except Exception as exc:  # the boundary answers in JSON whatever happens, never with a traceback
+        print(json.dumps({"ok": False, "error": "internal", "message": f"{type(exc).__name__}: {str(exc)[:300]}"}))
+        _audit(words, f"internal:{type(exc).__name__}")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -190,7 +190,9 @@ def start_node(
         Path(f.path).write_text(f.content)
         Path(f.path).chmod(f.mode)
     host_key = _keygen(Path(layout.host_key), f"edgecdn-lab-{name}")
-    _run([layout.agent_path, "init"])
+    # Local mode, as the bootstrap runs it: never with an SSH session's variables.
+    local_env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")}
+    _run([layout.agent_path, "init"], env=local_env)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     sshd = _tool("sshd", "/usr/sbin/sshd")

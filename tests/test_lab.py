@@ -530,7 +530,7 @@ def test_deploy_key_cannot_forward_ports(lab: Lab):
 @pytest.mark.parametrize("bad", ["../../tls", "/etc/passwd", "ABCDEF0123456789ABCD", "0" * 21, "x" * 5000])
 def test_agent_refuses_malformed_release_ids(lab: Lab, bad):
     message = _refused(lab.ssh("activate", bad))
-    assert "not a release id" in message or "too long" in message
+    assert "is not a release id" in message or "too long" in message
 
 
 def test_deploy_key_cannot_read_the_tls_key(lab: Lab, tmp_path: Path):
@@ -559,6 +559,45 @@ def test_uploads_cannot_escape_the_staging_area(lab: Lab, tmp_path: Path, target
 def test_oversized_input_is_refused(lab: Lab):
     assert "too long" in _refused(lab.ssh("status", "x" * 5000))
     assert "larger than" in _refused(lab.ssh("install-cert", stdin=b"{" + b" " * (70 << 10)))
+
+
+def test_a_session_without_a_command_is_refused_not_run_locally(lab: Lab):
+    assert "no request given" in _refused(lab.ssh())
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        b'{"files": [{"path": "\\ud800", "size": 1, "sha256": "' + b"0" * 64 + b'"}]}',
+        b'{"files": [{"path": "a", "size": 1e999, "sha256": "' + b"0" * 64 + b'"}]}',
+        b'{"files": [{"path": "a", "size": ' + b"9" * 5000 + b', "sha256": "x"}]}',
+        b'{"files": [[], 1, null]}',
+        b'{"files": {"a": 1}}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe",
+    ],
+    ids=["surrogate", "infinite", "huge-int", "not-objects", "not-a-list", "deep", "not-utf8"],
+)
+def test_malformed_manifests_get_a_refusal_never_a_traceback(lab: Lab, manifest):
+    result = lab.ssh("finalize", "0123456789abcdef0123", stdin=manifest)
+    assert b"Traceback" not in result.stderr + result.stdout
+    answer = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert answer["ok"] is False and result.returncode in (2, 3), answer
+
+
+def test_a_second_deployer_is_told_the_node_is_busy(lab: Lab):
+    import fcntl
+
+    current = lab.agent("status")["active"]
+    lock_file = lab.node_dir(0) / "srv" / "state" / "lock"
+    with open(lock_file, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another deploy, mid-change
+        busy = lab.ssh("activate", current)
+        assert busy.returncode == 4, busy.stdout
+        answer = json.loads(busy.stdout.decode().splitlines()[-1])
+        assert answer["error"] == "busy" and "another deploy" in answer["message"]
+        assert lab.agent("status")["ok"] is True, "reads are never blocked"
+    assert lab.agent("activate", current)["ok"] is True
 
 
 def _stage(lab: Lab, site: Path, build: Path, mutate=None) -> tuple[str, str]:
@@ -722,6 +761,8 @@ def test_failed_activation_switches_the_other_nodes_back(lab: Lab, sites, tmp_pa
     assert "lab-2" in str(info.value) and not info.value.partial
     for node in range(2):
         assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["second"])
+        # What the node records moved only with what it serves.
+        assert lab.agent("status", node=node)["active"] == release_id_of(sites["second"])
 
 
 def test_lab_down_stops_exactly_what_it_started(tmp_path: Path):
