@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -746,23 +747,75 @@ def do_rollback(paths: Paths) -> dict:
     return {"active": previous, "previous": current, "changed": True}
 
 
+# Key types the web server (Go's crypto/tls) can serve: RSA, ECDSA on these curves, Ed25519.
+_SERVABLE_KEYS = re.compile(r"Public Key Algorithm: (rsaEncryption|ED25519|id-ecPublicKey)")
+_SERVABLE_CURVES = ("prime256v1", "secp384r1", "secp521r1")
+MIN_CERT_DAYS_LEFT = 7
+
+
+def _openssl_date(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text.strip(), "%b %d %H:%M:%S %Y %Z").replace(tzinfo=dt.UTC)
+
+
+def _dns_names(paths: Paths, leaf: bytes) -> list[str]:
+    """The leaf's DNS subject alternative names, decoded as structure (a URI can't pose as one)."""
+    fd, tmp = tempfile.mkstemp(dir=paths.state, prefix=".leaf.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(leaf)
+        decoded = ssl._ssl._test_decode_cert(tmp)  # type: ignore[attr-defined]  # CPython's own X.509 decoder
+    except (ssl.SSLError, OSError, AttributeError):
+        raise AgentError("the certificate's names cannot be read") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return [value for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
+
+
 def _cert_facts(paths: Paths, pem: bytes) -> dict:
+    """What the leaf certificate says: validity, DNS names, public key; refused unless servable."""
     openssl = paths.layout["openssl_bin"]
-    result = _run([openssl, "x509", "-noout", "-enddate", "-ext", "subjectAltName", "-pubkey"], pem)
+    result = _run([openssl, "x509", "-noout", "-text", "-startdate", "-enddate", "-pubkey"], pem)
     if result.returncode != 0:
         raise AgentError("the certificate is not a PEM X.509 certificate")
-    out = result.stdout.decode()
-    end = re.search(r"notAfter=(.+)", out)
-    names = re.findall(r"DNS:([^,\s]+)", out)
+    out = result.stdout.decode(errors="replace")
+    start, end = re.search(r"notBefore=(.+)", out), re.search(r"notAfter=(.+)", out)
     pubkey = re.search(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", out, re.S)
-    if not end or not pubkey:
-        raise AgentError("the certificate has no expiry date or public key")
-    not_after = dt.datetime.strptime(end.group(1).strip(), "%b %d %H:%M:%S %Y %Z")
+    if not start or not end or not pubkey:
+        raise AgentError("the certificate has no validity dates or public key")
+    if re.search(r"CA:TRUE", out):
+        raise AgentError("that is a CA certificate; install the site's own (leaf) certificate first in the chain")
+    algorithm = _SERVABLE_KEYS.search(out)
+    curve = re.search(r"ASN1 OID: (\S+)", out)
+    if not algorithm or (
+        algorithm.group(1) == "id-ecPublicKey" and (not curve or curve.group(1) not in _SERVABLE_CURVES)
+    ):
+        raise AgentError(
+            "the certificate's key type is one the web server cannot serve; use RSA, ECDSA P-256/384/521 or Ed25519"
+        )
+    pem_leaf = PEM_BLOCK.match(pem.lstrip())
     return {
-        "not_after": not_after.replace(tzinfo=dt.UTC).isoformat(),
-        "names": names,
+        "not_before": _openssl_date(start.group(1)),
+        "not_after": _openssl_date(end.group(1)),
+        "names": _dns_names(paths, pem_leaf.group(0) if pem_leaf else pem),
         "pubkey": pubkey.group(0),
     }
+
+
+def _caddy_loads(paths: Paths, chain: bytes, key: bytes) -> None:
+    """Prove the web server accepts this certificate and key before they replace the served ones."""
+    with tempfile.TemporaryDirectory(dir=paths.state, prefix=".cert-check.") as tmp:
+        cert_file, key_file, config = Path(tmp) / "cert.pem", Path(tmp) / "key.pem", Path(tmp) / "Caddyfile"
+        cert_file.write_bytes(chain)
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key)
+        config.write_text(
+            f"{{\n\tadmin off\n\tauto_https off\n\tstorage file_system {tmp}\n}}\n"
+            f"https://{paths.layout['domain']} {{\n\ttls {cert_file} {key_file}\n\trespond ok\n}}\n"
+        )
+        result = _run([paths.layout["caddy_bin"], "validate", "--config", str(config), "--adapter", "caddyfile"])
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise AgentError(f"the web server cannot load this certificate: {detail[0][:300]}")
 
 
 PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----\r?\n?")
@@ -785,27 +838,51 @@ def _covers(names: list[str], host: str) -> bool:
 
 
 def do_install_cert(paths: Paths) -> dict:
-    """Install the key and certificate chain (one PEM bundle on stdin) after checking them."""
+    """Install the key and certificate chain (one PEM bundle on stdin) after checking them.
+
+    The web server must load the new pair before it replaces the served one; if the reload
+    fails, the old pair is put back, so a bad certificate can never take a node down and a
+    good one always brings it back.
+    """
     chain, key = split_pem_bundle(_read_stdin(MAX_CERT_BYTES))
     facts = _cert_facts(paths, chain)
     missing = [n for n in [paths.layout["domain"], *paths.layout["aliases"]] if not _covers(facts["names"], n)]
     if missing:
         raise AgentError(f"the certificate does not cover {', '.join(missing)}")
-    if dt.datetime.fromisoformat(facts["not_after"]) <= dt.datetime.now(dt.UTC):
-        raise AgentError(f"the certificate expired at {facts['not_after']}")
+    now = dt.datetime.now(dt.UTC)
+    if facts["not_before"] > now:
+        raise AgentError(f"the certificate is not valid before {facts['not_before'].isoformat()}")
+    if facts["not_after"] <= now:
+        raise AgentError(f"the certificate expired at {facts['not_after'].isoformat()}")
+    if facts["not_after"] - now < dt.timedelta(days=MIN_CERT_DAYS_LEFT):
+        raise AgentError(f"the certificate expires within {MIN_CERT_DAYS_LEFT} days; renew it first")
     key_pub = _run([paths.layout["openssl_bin"], "pkey", "-pubout"], key)
     if key_pub.returncode != 0:
         raise AgentError("the key is not a PEM private key")
     if key_pub.stdout.decode().strip() != facts["pubkey"].strip():
         raise AgentError("the private key does not belong to the certificate")
+    not_after = facts["not_after"].isoformat()
     unchanged = paths.cert_installed.exists() and paths.cert.read_bytes() == chain and paths.key.read_bytes() == key
     if not unchanged:
+        _caddy_loads(paths, chain, key)
+        old = {path: path.read_bytes() for path in (paths.key, paths.cert) if path.exists()}
+        was_installed = paths.cert_installed.exists()
         _atomic_write(paths.key, key, 0o640)
         _atomic_write(paths.cert, chain, 0o644)
-        _atomic_write(paths.cert_installed, facts["not_after"].encode(), 0o644)
-        _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
-        _reload_caddy(paths.layout)
-    return {"certificate": {"not_after": facts["not_after"], "names": facts["names"]}, "changed": not unchanged}
+        _atomic_write(paths.cert_installed, not_after.encode(), 0o644)
+        try:
+            _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
+            _reload_caddy(paths.layout)
+        except AgentError:
+            for path, content in old.items():
+                _atomic_write(path, content, 0o640 if path == paths.key else 0o644)
+            if not was_installed:
+                paths.cert_installed.unlink(missing_ok=True)
+            _write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
+            with contextlib.suppress(AgentError):
+                _reload_caddy(paths.layout)
+            raise
+    return {"certificate": {"not_after": not_after, "names": facts["names"]}, "changed": not unchanged}
 
 
 def do_status(paths: Paths) -> dict:
@@ -820,7 +897,11 @@ def do_status(paths: Paths) -> dict:
     if paths.cert_installed.exists():
         chain = paths.cert.read_bytes()
         facts = _cert_facts(paths, chain)
-        cert = {"not_after": facts["not_after"], "names": facts["names"], "sha256": hashlib.sha256(chain).hexdigest()}
+        cert = {
+            "not_after": facts["not_after"].isoformat(),
+            "names": facts["names"],
+            "sha256": hashlib.sha256(chain).hexdigest(),
+        }
     return {
         "node": paths.layout["node_name"],
         "active": paths.link_target(paths.current),

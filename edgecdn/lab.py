@@ -130,7 +130,7 @@ def make_certificates(lab_dir: Path) -> dict[str, str]:
     ca_key, ca_cert = lab_dir / "ca.key", lab_dir / "ca.pem"
     key, csr, leaf, chain = lab_dir / "site.key", lab_dir / "site.csr", lab_dir / "site.pem", lab_dir / "fullchain.pem"
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _run([openssl, "req", "-x509", *ec, "-days", "30", "-subj", "/CN=edgecdn lab CA", "-keyout", str(ca_key),
+    _run([openssl, "req", "-x509", *ec, "-days", "90", "-subj", "/CN=edgecdn lab CA", "-keyout", str(ca_key),
           "-out", str(ca_cert), "-addext", "basicConstraints=critical,CA:TRUE",
           "-addext", "keyUsage=critical,keyCertSign,cRLSign"])  # fmt: skip
     _run([openssl, "req", *ec, "-subj", f"/CN={DOMAIN}", "-keyout", str(key), "-out", str(csr)])
@@ -138,7 +138,7 @@ def make_certificates(lab_dir: Path) -> dict[str, str]:
     names = ",".join(f"DNS:{n}" for n in (DOMAIN, *ALIASES))
     ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
     _run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
-          "-days", "7", "-extfile", str(ext), "-out", str(leaf)])  # fmt: skip
+          "-days", "30", "-extfile", str(ext), "-out", str(leaf)])  # fmt: skip
     chain.write_text(leaf.read_text() + ca_cert.read_text())
     for private in (ca_key, key):
         private.chmod(0o600)

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -216,23 +217,32 @@ def served_certificate_serial(lab: Lab, node: int = 0) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def issue_certificate(lab: Lab, names: list[str], days: float = 7, not_before_days: float = -1) -> tuple[str, str, int]:
-    """A certificate signed by the lab CA: (chain PEM, key PEM, serial)."""
+def issue_certificate(
+    lab: Lab,
+    names: list[str],
+    days: float = 30,
+    not_before_days: float = -1,
+    key: Any = None,
+    extra_names: tuple[x509.GeneralName, ...] = (),
+    ca: bool = False,
+) -> tuple[str, str, int]:
+    """A certificate signed by the lab CA: (chain PEM, key PEM, serial); odd ones on request."""
     ca_dir = Path(lab.ca).parent
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(Path(lab.ca).read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     serial = x509.random_serial_number()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "edgecdn.test")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(serial)
         .not_valid_before(now + dt.timedelta(days=not_before_days))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([*(x509.DNSName(n) for n in names), *extra_names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)

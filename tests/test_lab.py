@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from lab_support import (
     Lab,
     h3_certificate_serial,
@@ -680,6 +682,30 @@ def test_certificate_not_covering_every_name_is_refused(lab: Lab):
 def test_expired_certificate_is_refused(lab: Lab):
     chain, key, _ = issue_certificate(lab, ["edgecdn.test", "www.edgecdn.test"], days=-1, not_before_days=-10)
     assert "expired" in _refused(_install(lab, chain, key))
+
+
+@pytest.mark.parametrize(
+    ("odd", "problem"),
+    [
+        (
+            {"names": [], "extra_names": (x509.UniformResourceIdentifier("https://x/,DNS:edgecdn.test"),)},
+            "does not cover",
+        ),
+        ({"ca": True}, "is a CA certificate"),
+        ({"not_before_days": 2}, "is not valid before"),
+        ({"days": 5}, "expires within 7 days"),
+        ({"key": ed448.Ed448PrivateKey.generate()}, "key type is one the web server cannot serve"),
+        ({"key": ec.generate_private_key(ec.SECP256K1())}, "key type is one the web server cannot serve"),
+    ],
+    ids=["uri-posing-as-dns", "ca", "not-yet-valid", "expiring", "ed448", "secp256k1"],
+)
+def test_a_certificate_the_node_cannot_serve_is_refused_and_the_old_one_stays(lab: Lab, odd, problem):
+    before = served_certificate_serial(lab)
+    names = odd.pop("names", ["edgecdn.test", "www.edgecdn.test"])
+    chain, key, _ = issue_certificate(lab, names, **odd)
+    assert problem in _refused(_install(lab, chain, key))
+    assert served_certificate_serial(lab) == before
+    assert lab.get("/.well-known/edgecdn/health").status == 200
 
 
 def test_new_certificate_is_served_at_once(lab: Lab):
