@@ -5,9 +5,9 @@ Verbs arrive in SSH_ORIGINAL_COMMAND (or argv, for local use by the bootstrap an
 Every argument is checked against a strict pattern; no shell is ever involved; the agent reads
 and writes only under the node root and the TLS directory. Output is one JSON object.
 
-This file runs on the node with the Python standard library alone. It is installed byte for
-byte as it is reviewed here; the node's paths, ports and names come from `layout.json` beside it
-(rendered by edgecdn.node_files.render_layout).
+This file runs on the node with the Python standard library and Debian's python3-brotli. It is
+installed byte for byte as it is reviewed here; the node's paths, ports and names come from
+`layout.json` beside it (rendered by edgecdn.node_files.render_layout).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import brotli  # Debian's python3-brotli: compressed siblings are checked against their sources
 
 LAYOUT_FILE = "layout.json"
 
@@ -122,6 +125,7 @@ class Paths:
         self.root = Path(layout["root"])
         self.releases = self.root / "releases"
         self.staging = self.root / "staging"
+        self.verifying = self.root / "verifying"
         self.meta = self.root / "meta"
         self.state = Path(layout["root"]) / "state"
         self.site_snippet = self.state / "site.caddy"
@@ -268,28 +272,62 @@ def parse_manifest(data: bytes, release_id: str) -> list[dict]:
     return files
 
 
+def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
+    """The SHA-256 of a compressed sibling's content, or None when it is not `limit` bytes of it."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        if kind == "gz":
+            stream = gzip.GzipFile(fileobj=f)
+            while chunk := stream.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    return None
+                digest.update(chunk)
+        else:
+            decompressor = brotli.Decompressor()
+            while data := f.read(1 << 12):
+                chunk = decompressor.process(data)
+                size += len(chunk)
+                if size > limit:
+                    return None
+                digest.update(chunk)
+    return digest.hexdigest() if size == limit else None
+
+
 def verify_tree(tree: Path, files: list[dict]) -> None:
-    """The staged tree holds exactly the manifest's files: no more, no less, no links."""
+    """The tree holds exactly the manifest's files: no more, no less, no links, nothing shared.
+
+    A compressed sibling (x.css.br, x.css.gz) must decompress to its source, byte for byte, so
+    the release id, which covers the sources, determines every byte a node can serve.
+    """
     expected = {e["path"]: e for e in files}
     found = set()
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames + filenames:
             full = Path(dirpath) / name
             rel = full.relative_to(tree).as_posix()
-            mode = full.lstat().st_mode
-            if stat.S_ISDIR(mode):
+            info = full.lstat()
+            if stat.S_ISDIR(info.st_mode):
                 continue
-            if not stat.S_ISREG(mode):
-                raise AgentError(f"{rel!r} is not a regular file; releases hold regular files only")
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
             entry = expected.get(rel)
             if entry is None:
                 raise AgentError(f"{rel!r} is not in the manifest")
-            if full.stat().st_size != entry["size"] or _sha256(full) != entry["sha256"]:
+            if info.st_size != entry["size"] or _sha256(full) != entry["sha256"]:
                 raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
+            if entry.get("derived"):
+                source = expected[rel.rpartition(".")[0]]
+                try:
+                    same = _decompressed_sha256(full, rel.rpartition(".")[2], source["size"]) == source["sha256"]
+                except (OSError, EOFError, brotli.error):
+                    same = False
+                if not same:
+                    raise AgentError(f"{rel!r} is not a compression of {source['path']!r}")
             found.add(rel)
     missing = sorted(set(expected) - found)
     if missing:
-        raise AgentError(f"{len(missing)} files are missing from the upload, e.g. {missing[0]!r}")
+        raise AgentError(f"{len(missing)} files are missing, e.g. {missing[0]!r}")
 
 
 # ---------------------------------------------------------------- _redirects and _headers
@@ -675,7 +713,7 @@ def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
 
 def do_init(paths: Paths) -> dict:
     """Create the node's directories, a placeholder certificate and the not-ready site."""
-    for d in (paths.root, paths.releases, paths.staging, paths.meta, paths.state):
+    for d in (paths.root, paths.releases, paths.staging, paths.verifying, paths.meta, paths.state):
         d.mkdir(parents=True, exist_ok=True)
     paths.tls.mkdir(parents=True, exist_ok=True)
     if not paths.cert.exists() or not paths.key.exists():
@@ -698,7 +736,11 @@ def do_init(paths: Paths) -> dict:
 
 
 def do_finalize(paths: Paths, release_id: str) -> dict:
-    """Check a staged upload against its manifest (stdin) and make it an immutable release."""
+    """Check a staged upload against its manifest (stdin) and make it an immutable release.
+
+    The upload leaves the staging area (where rsync writes) before it is checked, so nothing
+    can change it between the check and the release.
+    """
     _checked_release(release_id)
     target = paths.release(release_id)
     manifest = _read_stdin(MAX_MANIFEST_BYTES)
@@ -709,17 +751,44 @@ def do_finalize(paths: Paths, release_id: str) -> dict:
     staged = paths.staging / release_id
     if not staged.is_dir() or staged.is_symlink():
         raise AgentError(f"release {release_id} has not been uploaded")
-    verify_tree(staged, files)
-    rules = compile_rules(staged)
-    record = {"release": release_id, "files": len(files), "finalized_at": int(time.time()), "rules": rules}
+    paths.verifying.mkdir(exist_ok=True)
+    checking = paths.verifying / release_id
+    _remove_tree(checking)
+    os.rename(staged, checking)
+    try:
+        verify_tree(checking, files)
+        rules = compile_rules(checking)
+    except BaseException:
+        _remove_tree(checking)
+        raise
+    record = {
+        "release": release_id,
+        "files": len(files),
+        "finalized_at": int(time.time()),
+        "rules": rules,
+        "manifest": [[e["path"], e["size"], e["sha256"]] for e in files],
+    }
     _atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
-    for dirpath, _, filenames in os.walk(staged):
+    for dirpath, _, filenames in os.walk(checking):
         for name in filenames:
             os.chmod(Path(dirpath) / name, 0o444)
-    os.rename(staged, target)
+    os.rename(checking, target)
     for dirpath, _, _ in os.walk(target, topdown=False):
         os.chmod(dirpath, 0o555)  # noqa: S103 - released files are public web content
     return {"release": release_id, "finalized": True, "already": False, "files": len(files)}
+
+
+def _intact(paths: Paths, release_id: str) -> bool:
+    """Whether a finalized release still holds exactly what was verified at finalize."""
+    try:
+        record = json.loads((paths.meta / f"{release_id}.json").read_text())
+        files = [{"path": p, "size": size, "sha256": sha} for p, size, sha in record["manifest"]]
+        for entry in files:
+            entry["derived"] = False  # checked at finalize; here only the bytes
+        verify_tree(paths.release(release_id), files)
+    except (AgentError, OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def do_activate(paths: Paths, release_id: str) -> dict:
@@ -727,6 +796,10 @@ def do_activate(paths: Paths, release_id: str) -> dict:
     target = paths.release(release_id)
     if not target.is_dir() or not (paths.meta / f"{release_id}.json").exists():
         raise AgentError(f"release {release_id} is not finalized on this node", "missing")
+    if not _intact(paths, release_id):
+        raise AgentError(
+            f"release {release_id} was altered on this node after it was finalized; upload it again", "integrity"
+        )
     current = paths.link_target(paths.current)
     previous = paths.link_target(paths.previous)
     if current == release_id:
@@ -902,9 +975,11 @@ def do_status(paths: Paths) -> dict:
             "names": facts["names"],
             "sha256": hashlib.sha256(chain).hexdigest(),
         }
+    active = paths.link_target(paths.current)
     return {
         "node": paths.layout["node_name"],
-        "active": paths.link_target(paths.current),
+        "active": active,
+        "intact": _intact(paths, active) if active else None,
         "previous": paths.link_target(paths.previous),
         "releases": releases,
         "staged": staged,

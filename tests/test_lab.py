@@ -7,6 +7,8 @@ deploys, certificate changes and rollbacks that change what the nodes serve.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import re
@@ -633,7 +635,38 @@ def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
         os.symlink("/etc/passwd", build / "robots.txt")
 
     release_id, manifest = _stage(lab, site, tmp_path / "build", swap_for_link)
-    assert "not a regular file" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+    assert "is not a plain file" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+
+
+def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged sibling</h1>" * 40})
+
+    def forge(build: Path) -> None:
+        (build / "index.html.gz").write_bytes(gzip.compress(b"<script>evil()</script>", mtime=0))
+
+    release = build_release(site, tmp_path / "build")
+    forge(release.root)
+    forged = json.loads(release.manifest_json())
+    for entry in forged["files"]:
+        if entry["path"] == "index.html.gz":
+            data = (release.root / "index.html.gz").read_bytes()
+            entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    assert lab.rsync("-rlt", f"{release.root}/", f"NODE:{release.release_id}/").returncode == 0
+    message = _refused(lab.ssh("finalize", release.release_id, stdin=json.dumps(forged).encode()))
+    assert "is not a compression of 'index.html'" in message
+    assert release.release_id not in lab.agent("status")["releases"]
+
+
+def test_a_release_altered_after_finalize_is_reported_and_never_activated(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>to be altered</h1>"})
+    release_id, manifest = _stage(lab, site, tmp_path / "build")
+    assert lab.agent("finalize", release_id, stdin=manifest.encode())["ok"] is True
+    target = lab.node_dir(0) / "srv" / "releases" / release_id
+    os.chmod(target, 0o700)  # as someone with a shell on the node could
+    os.chmod(target / "robots.txt", 0o644)
+    (target / "robots.txt").write_text("altered\n")
+    assert "was altered on this node" in _refused(lab.ssh("activate", release_id))
+    assert lab.agent("status")["intact"] is True, "the active release is untouched"
 
 
 def test_manifest_must_hash_to_the_release_id(lab: Lab, tmp_path: Path):
