@@ -758,6 +758,9 @@ def do_finalize(paths: Paths, release_id: str) -> dict:
     try:
         verify_tree(checking, files)
         rules = compile_rules(checking)
+        # A rules file the web server would reject fails here, not at activation on every node.
+        site = render_site(paths.layout, release_id, paths.link_target(paths.current), rules, True)
+        _caddy_validates(paths, site, paths.cert.read_bytes(), paths.key.read_bytes(), "this site's rules")
     except BaseException:
         _remove_tree(checking)
         raise
@@ -874,21 +877,27 @@ def _cert_facts(paths: Paths, pem: bytes) -> dict:
     }
 
 
-def _caddy_loads(paths: Paths, chain: bytes, key: bytes) -> None:
-    """Prove the web server accepts this certificate and key before they replace the served ones."""
-    with tempfile.TemporaryDirectory(dir=paths.state, prefix=".cert-check.") as tmp:
+def _caddy_validates(paths: Paths, site: str, chain: bytes, key: bytes, what: str) -> None:
+    """Have the web server itself load a site block with this certificate; refuse on any error."""
+    with tempfile.TemporaryDirectory(dir=paths.state, prefix=".check.") as tmp:
         cert_file, key_file, config = Path(tmp) / "cert.pem", Path(tmp) / "key.pem", Path(tmp) / "Caddyfile"
+        (Path(tmp) / "site.caddy").write_text(site)
         cert_file.write_bytes(chain)
         key_file.touch(mode=0o600)
         key_file.write_bytes(key)
         config.write_text(
             f"{{\n\tadmin off\n\tauto_https off\n\tstorage file_system {tmp}\n}}\n"
-            f"https://{paths.layout['domain']} {{\n\ttls {cert_file} {key_file}\n\trespond ok\n}}\n"
+            f"https://{paths.layout['domain']} {{\n\ttls {cert_file} {key_file}\n\timport {tmp}/site.caddy\n}}\n"
         )
         result = _run([paths.layout["caddy_bin"], "validate", "--config", str(config), "--adapter", "caddyfile"])
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise AgentError(f"the web server cannot load this certificate: {detail[0][:300]}")
+        raise AgentError(f"the web server cannot load {what}: {detail[0][:300]}")
+
+
+def _caddy_loads(paths: Paths, chain: bytes, key: bytes) -> None:
+    """Prove the web server accepts this certificate and key before they replace the served ones."""
+    _caddy_validates(paths, "respond ok\n", chain, key, "this certificate")
 
 
 PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----\r?\n?")

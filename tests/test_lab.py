@@ -638,6 +638,17 @@ def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
     assert "is not a plain file" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
 
 
+def test_site_config_the_web_server_would_reject_is_refused_before_activation(lab: Lab):
+    from edgecdn.agent import AgentError, Paths, _caddy_validates
+
+    layout = json.loads((lab.node_dir(0) / "layout.json").read_text())
+    paths = Paths(layout)
+    cert, key = paths.cert.read_bytes(), paths.key.read_bytes()
+    _caddy_validates(paths, 'respond "fine"\n', cert, key, "a good site")
+    with pytest.raises(AgentError, match="the web server cannot load these rules"):
+        _caddy_validates(paths, "redir @nowhere /x 308\n", cert, key, "these rules")
+
+
 def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged sibling</h1>" * 40})
 
