@@ -47,6 +47,9 @@ MAX_RULES = 1000
 MAX_RULE_WILDCARDS = 4
 MAX_RULES_BYTES = 64 << 10
 STAGING_STALE_SECONDS = 3600
+# What one release may take, and the free space a node always keeps for itself.
+MAX_RELEASE_BYTES = 4 << 30
+FREE_DISK_FLOOR_BYTES = 1 << 30
 RELOAD_TIMEOUT = 30
 # The site's own rule files: read at finalize, never served.
 RULE_FILES = ("_redirects", "_headers", "_edgecdn.json")
@@ -749,8 +752,10 @@ def do_finalize(paths: Paths, release_id: str) -> dict:
         return {"release": release_id, "finalized": True, "already": True}
     files = parse_manifest(manifest, release_id)
     staged = paths.staging / release_id
-    if not staged.is_dir() or staged.is_symlink():
-        raise AgentError(f"release {release_id} has not been uploaded")
+    if not staged.is_dir() or staged.is_symlink() or not _upload_record(paths, release_id).exists():
+        raise AgentError(f"release {release_id} has not been uploaded (begin, rsync, then finalize)")
+    if sum(e["size"] for e in files) > MAX_RELEASE_BYTES:
+        raise AgentError(f"the release is larger than the {MAX_RELEASE_BYTES} bytes a node takes", "quota")
     paths.verifying.mkdir(exist_ok=True)
     checking = paths.verifying / release_id
     _remove_tree(checking)
@@ -776,9 +781,35 @@ def do_finalize(paths: Paths, release_id: str) -> dict:
         for name in filenames:
             os.chmod(Path(dirpath) / name, 0o444)
     os.rename(checking, target)
+    _upload_record(paths, release_id).unlink(missing_ok=True)
     for dirpath, _, _ in os.walk(target, topdown=False):
         os.chmod(dirpath, 0o555)  # noqa: S103 - released files are public web content
     return {"release": release_id, "finalized": True, "already": False, "files": len(files)}
+
+
+def _upload_record(paths: Paths, release_id: str) -> Path:
+    return paths.meta / f"upload-{release_id}.json"
+
+
+def do_begin(paths: Paths, release_id: str, size: str) -> dict:
+    """Open an upload of `size` bytes: within the quota and above the free-disk floor, or refused.
+
+    The agent records when it began, so stale uploads are pruned by its own clock, never by
+    file times a client can set.
+    """
+    total = int(size)
+    if total > MAX_RELEASE_BYTES:
+        raise AgentError(f"the release is {total} bytes; a node takes at most {MAX_RELEASE_BYTES}", "quota")
+    usage = shutil.disk_usage(paths.root)
+    if usage.free - total < FREE_DISK_FLOOR_BYTES:
+        raise AgentError(
+            f"the node has {usage.free} bytes free; this upload of {total} would leave less than "
+            f"{FREE_DISK_FLOOR_BYTES} (prune old releases or use a bigger disk)",
+            "quota",
+        )
+    (paths.staging / release_id).mkdir(exist_ok=True)
+    _atomic_write(_upload_record(paths, release_id), json.dumps({"began": time.time(), "bytes": total}).encode(), 0o644)
+    return {"release": release_id, "upload": "open", "bytes": total}
 
 
 def _intact(paths: Paths, release_id: str) -> bool:
@@ -1013,8 +1044,13 @@ def do_prune(paths: Paths, keep: int) -> dict:
             removed.append(name)
     now = time.time()
     for p in paths.staging.iterdir():
-        if now - p.lstat().st_mtime > STAGING_STALE_SECONDS:
+        try:
+            began = float(json.loads(_upload_record(paths, p.name).read_text())["began"])
+        except (OSError, ValueError, KeyError, TypeError):
+            began = 0.0  # an upload that never began through the agent is stale at once
+        if now - began > STAGING_STALE_SECONDS:
             _remove_tree(p)
+            _upload_record(paths, p.name).unlink(missing_ok=True)
             removed.append(f"staging/{p.name}")
     return {"removed": removed}
 
@@ -1043,8 +1079,10 @@ class Verb:
 # Each argument: its pattern, and what a refusal says it should be.
 _RELEASE_ARG = (RELEASE_ID.pattern, "a release id (20 lower-case hex digits)")
 _KEEP_ARG = (r"^(?:[2-9]|[1-9][0-9])$", "a number of releases to keep, 2 to 99")
+_SIZE_ARG = (r"^(?:0|[1-9][0-9]{0,14})$", "a size in bytes")
 VERBS: dict[str, Verb] = {
     "status": Verb(lambda paths: do_status(paths), changes_state=False),
+    "begin": Verb(lambda paths, rid, size: do_begin(paths, rid, size), args=(_RELEASE_ARG, _SIZE_ARG)),
     "finalize": Verb(lambda paths, rid: do_finalize(paths, rid), args=(_RELEASE_ARG,)),
     "activate": Verb(lambda paths, rid: do_activate(paths, rid), args=(_RELEASE_ARG,)),
     "rollback": Verb(lambda paths: do_rollback(paths)),

@@ -126,6 +126,7 @@ def deploy(
             plan = plan_node(node, status, release.release_id, chain_sha256)
             plans[node.name] = plan
             if plan.upload:
+                agent.call("begin", release.release_id, str(sum(e.size for e in release.entries)))
                 agent.upload(release.root, release.release_id)
                 agent.call("finalize", release.release_id, stdin=release.manifest_json().encode())
             if plan.install_certificate:

@@ -608,6 +608,7 @@ def _stage(lab: Lab, site: Path, build: Path, mutate=None) -> tuple[str, str]:
     release = build_release(site, build)
     if mutate:
         mutate(build)
+    assert lab.agent("begin", release.release_id, str(sum(e.size for e in release.entries)))["ok"] is True
     result = lab.rsync("-rlt", f"{build}/", f"NODE:{release.release_id}/")
     assert result.returncode == 0, result.stderr
     return release.release_id, release.manifest_json()
@@ -649,6 +650,30 @@ def test_site_config_the_web_server_would_reject_is_refused_before_activation(la
         _caddy_validates(paths, "redir @nowhere /x 308\n", cert, key, "these rules")
 
 
+def test_an_upload_over_the_quota_or_the_free_disk_floor_is_refused_before_it_starts(lab: Lab, monkeypatch):
+    from edgecdn import agent
+
+    too_big = _refused(lab.ssh("begin", "0123456789abcdef0123", str(agent.MAX_RELEASE_BYTES + 1)))
+    assert "a node takes at most" in too_big
+    # A nearly full disk, as the agent would see it on a node.
+    paths = agent.Paths(json.loads((lab.node_dir(0) / "layout.json").read_text()))
+    nearly_full = shutil._ntuple_diskusage(20 << 30, (19 << 30) + (512 << 20), 512 << 20)  # type: ignore[attr-defined]
+    monkeypatch.setattr(agent.shutil, "disk_usage", lambda _: nearly_full)
+    with pytest.raises(agent.AgentError, match="would leave less than"):
+        agent.do_begin(paths, "0123456789abcdef0123", "1000")
+
+
+def test_an_upload_that_never_began_is_not_finalized_and_is_pruned(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>never began</h1>"})
+    release = build_release(site, tmp_path / "build")
+    rogue = release.release_id
+    assert lab.rsync("-rlt", f"{release.root}/", f"NODE:{rogue}/").returncode == 0
+    stale = lab.node_dir(0) / "srv" / "staging" / rogue
+    os.utime(stale, (2**31, 2**31))  # a far-future time, as a client could set: it must not matter
+    assert "has not been uploaded" in _refused(lab.ssh("finalize", rogue, stdin=release.manifest_json().encode()))
+    assert f"staging/{rogue}" in lab.agent("prune", "3")["removed"]
+
+
 def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged sibling</h1>" * 40})
 
@@ -662,6 +687,7 @@ def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
         if entry["path"] == "index.html.gz":
             data = (release.root / "index.html.gz").read_bytes()
             entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    assert lab.agent("begin", release.release_id, "100000")["ok"] is True
     assert lab.rsync("-rlt", f"{release.root}/", f"NODE:{release.release_id}/").returncode == 0
     message = _refused(lab.ssh("finalize", release.release_id, stdin=json.dumps(forged).encode()))
     assert "is not a compression of 'index.html'" in message
