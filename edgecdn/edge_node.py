@@ -127,20 +127,15 @@ def node_user_data(
 
 def check_user_data_budget(config: EdgeConfig, stack_file: str = "Pulumi.<stack>.yaml") -> None:
     """ConfigError, before any resource exists, if a node's user data would exceed what AWS accepts."""
-    problems = []
     for spec in config.nodes:
         layout = NodeLayout(node_name=spec.name, domain=config.domain, aliases=config.aliases)
         size = user_data_size(layout, config.admin_ssh_keys, NODE_ARCH[spec.backend])
         if size > USER_DATA_LIMIT:
-            problems.append(
-                Problem(
-                    "adminSshKeys",
-                    f"node {spec.name}'s first-boot script would be {size} bytes, over the {USER_DATA_LIMIT} "
-                    "bytes AWS accepts as user data; list fewer admin keys or shorter ones (ssh-ed25519)",
-                )
+            message = (
+                f"node {spec.name}'s first-boot script would be {size} bytes, over the {USER_DATA_LIMIT} "
+                "bytes AWS accepts as user data; list fewer admin keys or shorter ones (ssh-ed25519)"
             )
-    if problems:
-        raise ConfigError(problems[:1], stack_file)
+            raise ConfigError([Problem("adminSshKeys", message)], stack_file)
 
 
 def first_or_none(values: Sequence[str] | None) -> str | None:
