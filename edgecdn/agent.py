@@ -59,6 +59,9 @@ SKEW_ASSET_TYPES = (
 )
 HEALTH_PATH = "/.well-known/edgecdn/health"
 HEALTH_MARKER = "edgecdn-ok"
+# The health answer is a file in each release, served like any page: a web server that cannot
+# serve files fails its health check (the original CDN's nodes answered 404 and looked alive).
+HEALTH_FILE = HEALTH_PATH.lstrip("/")
 # Set explicitly: Go's MIME table depends on what the host has installed (webmanifest is often missing).
 # HTML gets no charset parameter: it would override the page's own <meta charset> (an
 # ISO-8859-1 page was garbled); text formats without such a declaration get UTF-8.
@@ -262,6 +265,8 @@ def parse_manifest(data: bytes, release_id: str) -> list[dict]:
             raise AgentError(f"manifest entry is malformed: {str(e)[:200]}")
         if e["path"] in seen:
             raise AgentError(f"manifest lists {e['path']!r} twice")
+        if e["path"].startswith(HEALTH_FILE.rsplit("/", 1)[0] + "/"):
+            raise AgentError(f"{e['path']!r} is inside {HEALTH_PATH.rsplit('/', 1)[0]}/, which the node writes itself")
         seen.add(e["path"])
     for e in files:
         if e.get("derived"):
@@ -597,16 +602,19 @@ def render_identity(layout: dict, current: str | None) -> str:
 
 def render_site(layout: dict, current: str | None, previous: str | None, rules: dict, cert_ready: bool) -> str:
     """The Caddy snippet for the site block: health, rules, pretty URLs, skew protection."""
-    node = layout["node_name"]
     releases = f"{layout['root']}/releases"
     head = [render_identity(layout, current), 'header Strict-Transport-Security "max-age=31536000"']
     if current and cert_ready:
-        health = f"respond {_caddy_quote(f'{HEALTH_MARKER} release={current} node={node}')} 200"
+        health = [
+            f"root * {releases}/{current}",
+            'header Content-Type "text/plain; charset=utf-8"',
+            "file_server",
+        ]
     else:
         why = "no release is active" if not current else "no certificate is installed"
-        health = f"respond {_caddy_quote(f'edgecdn-unready: {why}')} 503"
+        health = [f"respond {_caddy_quote(f'edgecdn-unready: {why}')} 503"]
     text = _indent(head, 0)
-    text += f"handle {HEALTH_PATH} {{\n\theader Cache-Control no-store\n\t{health}\n}}\n"
+    text += f"handle {HEALTH_PATH} {{\n\theader Cache-Control no-store\n" + _indent(health, 1) + "}\n"
     if not current:
         return text + 'handle {\n\trespond "no release is active on this node" 503\n}\n'
     cur = f"{releases}/{current}"
@@ -769,12 +777,16 @@ def do_finalize(paths: Paths, release_id: str) -> dict:
     except BaseException:
         _remove_tree(checking)
         raise
+    marker = checking / HEALTH_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_bytes(f"{HEALTH_MARKER} release={release_id}\n".encode())
+    entries = [*files, {"path": HEALTH_FILE, "size": marker.stat().st_size, "sha256": _sha256(marker)}]
     record = {
         "release": release_id,
         "files": len(files),
         "finalized_at": int(time.time()),
         "rules": rules,
-        "manifest": [[e["path"], e["size"], e["sha256"]] for e in files],
+        "manifest": [[e["path"], e["size"], e["sha256"]] for e in entries],
     }
     _atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
     for dirpath, _, filenames in os.walk(checking):

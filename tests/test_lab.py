@@ -109,6 +109,16 @@ def test_health_answers_the_marker_and_active_release(lab: Lab, sites):
         assert answer.status == 200
         assert answer.body.decode().startswith(f"edgecdn-ok release={release}")
         assert answer.headers["cache-control"] == "no-store"
+        assert answer.headers["x-edge-node"] == f"lab-{node + 1}"
+
+
+def test_health_is_a_file_of_the_release_served_like_any_page(lab: Lab, sites):
+    # A web server that cannot serve files must fail its health check: the marker is a file
+    # the agent writes into each release at finalize, and the release's manifest covers it.
+    release = release_id_of(sites["first"])
+    marker = lab.node_dir(0) / "srv" / "releases" / release / ".well-known" / "edgecdn" / "health"
+    assert marker.read_text() == f"edgecdn-ok release={release}\n"
+    assert lab.agent("status")["intact"] is True
 
 
 # ---------------------------------------------------------------- protocols
@@ -672,6 +682,15 @@ def test_an_upload_that_never_began_is_not_finalized_and_is_pruned(lab: Lab, tmp
     os.utime(stale, (2**31, 2**31))  # a far-future time, as a client could set: it must not matter
     assert "has not been uploaded" in _refused(lab.ssh("finalize", rogue, stdin=release.manifest_json().encode()))
     assert f"staging/{rogue}" in lab.agent("prune", "3")["removed"]
+
+
+def test_a_site_cannot_carry_its_own_health_marker(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>marker</h1>"})
+    release = build_release(site, tmp_path / "build")
+    forged = json.loads(release.manifest_json())
+    forged["files"].append({"path": ".well-known/edgecdn/health", "size": 0, "sha256": "0" * 64})
+    message = _refused(lab.ssh("finalize", release.release_id, stdin=json.dumps(forged).encode()))
+    assert "which the node writes itself" in message
 
 
 def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
