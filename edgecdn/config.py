@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecdn.contract import DOMAIN, NODE_NAME
 from edgecdn.regions import BACKENDS, DEFAULT_SIZE, EC2, LIGHTSAIL, REGION_BACKENDS
-from site_sync.handoff import DOMAIN, NODE_NAME
 
 NAMESPACE = "edgecdn"
 
@@ -137,6 +137,11 @@ class _Reader:
     def add(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
 
+    def text(self, key: str) -> str | None:
+        """A string-valued key, or None when it is missing or was reported as wrong."""
+        value = self.get(key)
+        return value if isinstance(value, str) else None
+
     def get(self, key: str) -> Any:
         value = self.raw.get(key)
         if value is None:
@@ -245,7 +250,7 @@ def _in_zone(name: str, zone: str) -> bool:
 
 
 def _parse_domain(r: _Reader) -> str | None:
-    domain = r.get("domain")
+    domain = r.text("domain")
     if domain is None:
         return None
     problem = _hostname_problem(domain)
@@ -275,7 +280,7 @@ def _parse_aliases(r: _Reader, domain: str | None, zone_name: str | None) -> lis
 
 
 def _parse_zone_id(r: _Reader) -> str | None:
-    zone_id = r.get("hostedZoneId")
+    zone_id = r.text("hostedZoneId")
     if zone_id is None:
         return None
     zone_id = zone_id.removeprefix("/hostedzone/")
@@ -290,7 +295,7 @@ def _parse_zone_id(r: _Reader) -> str | None:
 
 
 def _parse_site_dir(r: _Reader, project_dir: Path) -> Path | None:
-    value = r.get("siteDir")
+    value = r.text("siteDir")
     if value is None:
         return None
     path = (project_dir / value).resolve()
@@ -435,7 +440,7 @@ def _parse_admin_keys(r: _Reader) -> list[str]:
 
 
 def _parse_email(r: _Reader, key: str) -> str | None:
-    value = r.get(key)
+    value = r.text(key)
     if value is None:
         return None
     if not _EMAIL.match(value):

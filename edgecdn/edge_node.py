@@ -27,11 +27,11 @@ import pulumi_aws as aws
 import pulumi_command as command
 import pulumi_tls as tls
 
-from edgecdn.bootstrap import USER_DATA_LIMIT, check_user_data, render_bootstrap, user_data_base64, user_data_size
-from edgecdn.caddy_release import CADDY_RELEASES
 from edgecdn.config import ConfigError, EdgeConfig, NodeSpec, Problem
 from edgecdn.latency_dns import TTL
-from edgecdn.node_files import NodeLayout, bundle_digest, bundle_text, render_bundle
+from edgecdn.node.bootstrap import USER_DATA_LIMIT, check_user_data, render_bootstrap, user_data_base64, user_data_size
+from edgecdn.node.caddy_release import CADDY_RELEASES
+from edgecdn.node.files import NodeLayout, bundle_digest, render_bundle
 from edgecdn.regions import EC2, NODE_ARCH, NODE_IMAGE, first_zone
 from edgecdn.site_push import PushArgs, PushNode, push_command
 
@@ -177,7 +177,7 @@ class EdgeNode(pulumi.ComponentResource):
         tags = {"edgecdn:node": spec.name, "edgecdn:domain": args.domain}
         self.host_public_key = host_key.public_key_openssh.apply(str.strip)
 
-        self._bundle = bundle_text(bundle)
+        self._bundle = bundle
         if spec.backend == EC2:
             instance_id, static_address, moved, ipv6 = self._ec2(name, args, user_data, tags)
         else:

@@ -8,7 +8,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from edgecdn.node_files import HEALTH_MARKER, HEALTH_PATH
+from edgecdn.contract import HEALTH_MARKER, HEALTH_PATH
 
 TTL = 60
 HEALTH_INTERVAL = 30

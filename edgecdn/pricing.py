@@ -7,6 +7,8 @@ zone itself, DNS queries, SNS email, and regional price differences (some region
 
 from __future__ import annotations
 
+from typing import Any
+
 from edgecdn.config import EdgeConfig
 from edgecdn.regions import EC2, LIGHTSAIL
 
@@ -25,9 +27,9 @@ EXCLUDED = (
 )
 
 
-def estimate_monthly_cost(config: EdgeConfig) -> dict:
+def estimate_monthly_cost(config: EdgeConfig) -> dict[str, Any]:
     """Line items and a total in USD per month; unknown sizes are listed, not guessed."""
-    items: list[dict] = []
+    items: list[dict[str, Any]] = []
     unknown: list[str] = []
     for node in config.nodes:
         if node.backend == LIGHTSAIL:

@@ -16,8 +16,8 @@ from typing import Any, cast
 import pulumi
 import pulumi_command as command
 
-from edgecdn.node_files import DEPLOY_USER, SSH_PORT
-from site_sync.handoff import build_handoff
+from edgecdn.node.files import DEPLOY_USER, SSH_PORT
+from site_sync.handoff import NodeTarget, build_handoff
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class PushNode:
     ipv4: pulumi.Input[str]
     host_public_key: pulumi.Input[str]
     instance_id: pulumi.Input[str]
-    bundle: str | None = None
+    bundle: bytes | None = None
 
 
 def deployer_command(python: str, verb: str) -> str:
@@ -51,23 +51,20 @@ def deployer_command(python: str, verb: str) -> str:
     return shlex.join([python, "-m", "site_sync", verb, "--handoff", "-"])
 
 
-def node_entry(node: PushNode, resolved: list[str]) -> dict[str, Any]:
+def node_entry(node: PushNode, resolved: dict[str, str]) -> NodeTarget:
     """A node's handoff entry once its address and host key are known."""
-    address, host_key = resolved
-    entry: dict[str, Any] = {
-        "name": node.name,
-        "region": node.region,
-        "address": address,
-        "port": SSH_PORT,
-        "user": DEPLOY_USER,
-        "host_key": host_key.strip(),
-    }
-    if node.bundle:
-        entry["bundle"] = node.bundle
-    return entry
+    return NodeTarget(
+        name=node.name,
+        region=node.region,
+        address=resolved["address"],
+        port=SSH_PORT,
+        user=DEPLOY_USER,
+        host_key=resolved["host_key"].strip(),
+        bundle=node.bundle,
+    )
 
 
-def handoff_document(args: PushArgs, nodes: list[dict[str, Any]], secrets: dict[str, str]) -> str:
+def handoff_document(args: PushArgs, nodes: list[NodeTarget], secrets: dict[str, Any]) -> str:
     """The handoff from resolved node entries and secrets."""
     return build_handoff(
         domain=args.domain,
@@ -85,7 +82,9 @@ def push_command(
     name: str, verb: str, args: PushArgs, nodes: list[PushNode], triggers: list[Any], opts: pulumi.ResourceOptions
 ) -> command.local.Command:
     """A local command that runs the deployer with the handoff for these nodes on stdin."""
-    entries = [pulumi.Output.all(n.ipv4, n.host_public_key).apply(partial(node_entry, n)) for n in nodes]
+    entries = [
+        pulumi.Output.all(address=n.ipv4, host_key=n.host_public_key).apply(partial(node_entry, n)) for n in nodes
+    ]
     handoff = pulumi.Output.all(
         nodes=pulumi.Output.all(*entries),
         deploy_key=args.deploy_private_key,

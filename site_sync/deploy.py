@@ -10,7 +10,6 @@ Plan first (pure): from each node's status, decide what it needs. Then carry it 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgecdn.contract import NodeStatus, leaf_fingerprint
 from site_sync.build import build_release
 from site_sync.handoff import Handoff, NodeTarget
 from site_sync.probe import check_health
@@ -47,15 +47,15 @@ class NodePlan:
     was_active: str | None
 
 
-def plan_node(node: NodeTarget, status: dict, release_id: str, chain_sha256: str) -> NodePlan:
+def plan_node(node: NodeTarget, status: NodeStatus, release_id: str, certificate_fingerprint: str) -> NodePlan:
     """Decide the steps for a node from its reported status."""
-    certificate = status.get("certificate") or {}
+    certificate = status["certificate"]
     return NodePlan(
         node=node,
-        upload=release_id not in status.get("releases", []),
-        install_certificate=certificate.get("sha256") != chain_sha256,
-        activate=status.get("active") != release_id,
-        was_active=status.get("active"),
+        upload=release_id not in status["releases"],
+        install_certificate=certificate is None or certificate["fingerprint"] != certificate_fingerprint,
+        activate=status["active"] != release_id,
+        was_active=status["active"],
     )
 
 
@@ -97,7 +97,7 @@ def deploy(
     before it takes its address); a node that already serves a release is left as it is.
     """
     chain = normalize_pem(handoff.certificate_chain)
-    chain_sha256 = hashlib.sha256(chain.encode()).hexdigest()
+    fingerprint = leaf_fingerprint(chain)
     certificate = normalize_pem(handoff.certificate_key) + chain
     with (
         tempfile.TemporaryDirectory(prefix="edgecdn-release-") as build_dir,
@@ -120,10 +120,10 @@ def deploy(
         def stage(node: NodeTarget) -> None:
             agent = Agent(node, creds)
             status = agent.wait_until_ready(wait_seconds, log)
-            if seed and status.get("active"):
+            if seed and status["active"]:
                 log(f"  {node.name}: already serves {status['active']}; a seed leaves it alone")
                 return
-            plan = plan_node(node, status, release.release_id, chain_sha256)
+            plan = plan_node(node, status, release.release_id, fingerprint)
             plans[node.name] = plan
             if plan.upload:
                 agent.call("begin", release.release_id, str(sum(e.size for e in release.entries)))

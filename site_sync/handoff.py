@@ -15,16 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgecdn.contract import DOMAIN, NODE_NAME, RELEASE_ID
+
 # v2: per-node https_port and bundle (the node bundle a booting node installs), and ca_pem
 # (a private CA the checks trust: the lab's and the real-boot test's).
 SCHEMA = "edgecdn.handoff/v2"
 MAX_DOCUMENT_BYTES = 1 << 20
 
 _HOST_KEY = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
-_RELEASE = re.compile(r"^[0-9a-f]{20}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-NODE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
-DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
 
 
 class HandoffError(Exception):
@@ -72,7 +71,7 @@ def build_handoff(
     aliases: Sequence[str],
     release_id: str,
     site_dir: str,
-    nodes: Sequence[dict[str, Any]],
+    nodes: Sequence[NodeTarget],
     deploy_key: str,
     certificate_chain: str,
     certificate_key: str,
@@ -88,12 +87,28 @@ def build_handoff(
             "aliases": list(aliases),
             "release_id": release_id,
             "site_dir": site_dir,
-            "nodes": list(nodes),
+            "nodes": [node_document(node) for node in nodes],
             "deploy_key": deploy_key,
             "certificate": {"chain_pem": certificate_chain, "key_pem": certificate_key},
         },
         sort_keys=True,
     )
+
+
+def node_document(node: NodeTarget) -> dict[str, Any]:
+    """A node as the handoff document carries it: the inverse of what parse_handoff reads."""
+    doc: dict[str, Any] = {
+        "name": node.name,
+        "region": node.region,
+        "address": node.address,
+        "port": node.port,
+        "user": node.user,
+        "host_key": node.host_key,
+        "https_port": node.https_port,
+    }
+    if node.bundle is not None:
+        doc["bundle"] = base64.b64encode(node.bundle).decode()
+    return doc
 
 
 def parse_handoff(text: str) -> Handoff:
@@ -125,7 +140,7 @@ def parse_handoff(text: str) -> Handoff:
     if not isinstance(aliases, list) or not all(isinstance(a, str) and DOMAIN.match(a) for a in aliases):
         problems.append("aliases: expected a list of DNS names")
         aliases = []
-    release = text_field(doc, "release_id", _RELEASE, "")
+    release = text_field(doc, "release_id", RELEASE_ID, "")
     site_dir = text_field(doc, "site_dir", None, "")
     deploy_key = text_field(doc, "deploy_key", None, "")
     if deploy_key and "-----BEGIN OPENSSH PRIVATE KEY-----" not in deploy_key:

@@ -8,7 +8,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from edgecdn.agent import HEALTH_PATH
+from edgecdn.contract import HEALTH_PATH, health_body
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def check_health(address: str, host: str, release_id: str, port: int = 443, ca_f
         answer = fetch(address, host, HEALTH_PATH, port, ca_file)
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         return f"HTTPS check failed: {exc}"
-    text = answer.body.decode(errors="replace").strip()
-    if answer.status != 200 or f"release={release_id}" not in text:
-        return f"health answered {answer.status} {text[:120]!r}, expected release {release_id}"
+    text = answer.body.decode(errors="replace")
+    if answer.status != 200 or text != health_body(release_id):
+        return f"health answered {answer.status} {text.strip()[:120]!r}, expected release {release_id}"
     return None

@@ -6,16 +6,13 @@ site is a new release and an unchanged one is recognised as already deployed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-RELEASE_ID_LENGTH = 20
-# Names the node keeps for itself; a site that contains them is refused, not half-served.
-RESERVED_TOP_LEVEL = frozenset({".well-known/edgecdn"})
-_CHUNK = 1 << 20
+from edgecdn.contract import MAX_NAME_BYTES, MAX_PATH_BYTES, RESERVED_PREFIX, ManifestEntry, file_sha256, is_reserved
+from edgecdn.contract import release_id_of as contract_release_id
 
 
 class SiteError(Exception):
@@ -78,35 +75,24 @@ def scan_site(site_dir: Path) -> list[SiteFile]:
             if not stat.S_ISREG(mode):
                 raise SiteError(f"{rel} is not a regular file; remove it from the site")
             _check_path(rel)
-            files.append(SiteFile(rel, full.stat().st_size, _sha256(full)))
+            files.append(SiteFile(rel, full.stat().st_size, file_sha256(full)))
     files.sort(key=lambda f: f.path)
     return files
 
 
 def _check_path(rel: str) -> None:
-    for reserved in RESERVED_TOP_LEVEL:
-        if rel == reserved or rel.startswith(reserved + "/"):
-            raise SiteError(f"{rel} is inside {reserved}/, which the nodes answer themselves")
+    # A site that ships the nodes' own paths is refused, not half-served.
+    if is_reserved(rel):
+        raise SiteError(f"{rel} is inside /{RESERVED_PREFIX}, which the nodes answer themselves")
     if any(ord(c) < 0x20 or c == "\x7f" or c == "\\" for c in rel):
         raise SiteError(f"{rel!r} has a control character or backslash in its name; rename it")
-    if len(rel.encode()) > 1024 or any(len(p.encode()) > 255 for p in PurePosixPath(rel).parts):
+    if len(rel.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in PurePosixPath(rel).parts):
         raise SiteError(f"{rel!r} is too long a path for the nodes' file system")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def release_id(files: list[SiteFile]) -> str:
     """The content hash of a site: changes whenever a path or a byte changes."""
-    digest = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.path):
-        digest.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
-    return digest.hexdigest()[:RELEASE_ID_LENGTH]
+    return contract_release_id(ManifestEntry(path=f.path, size=f.size, sha256=f.sha256) for f in files)
 
 
 def release_id_of(site_dir: Path) -> str:

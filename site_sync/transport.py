@@ -15,8 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from edgecdn.contract import NodeStatus, StatusError, parse_status
 from site_sync.handoff import NodeTarget
+
+Answer = dict[str, Any]  # an agent's JSON answer
 
 SSH_CONNECT_TIMEOUT = 10
 COMMAND_TIMEOUT = 120
@@ -38,9 +42,10 @@ class TransportError(Exception):
 class AgentRefusedError(Exception):
     """The agent answered and said no; retrying will not help."""
 
-    def __init__(self, node: str, verb: str, message: str) -> None:
+    def __init__(self, node: str, verb: str, message: str, code: str = "refused") -> None:
         super().__init__(f"{node}: {verb} refused: {message}")
         self.message = message
+        self.code = code  # the agent's reason: refused, busy, quota, integrity, missing, reload, ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class Agent:
         self.node = node
         self.creds = creds
 
-    def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT) -> dict:
+    def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT) -> Answer:
         """Run one agent verb; the JSON answer, AgentRefusedError, or TransportError."""
         argv = [*ssh_options(self.creds, self.node), self.node.address, "--", *words]
         try:
@@ -108,10 +113,18 @@ class Agent:
             detail = result.stderr.decode(errors="replace").strip() or f"ssh exit status {result.returncode}"
             raise TransportError(f"{self.node.name} ({self.node.address}): {detail.splitlines()[-1][:300]}")
         if not answer.get("ok"):
-            raise AgentRefusedError(self.node.name, words[0], str(answer.get("message", "no reason given")))
+            message, code = str(answer.get("message", "no reason given")), str(answer.get("error", "refused"))
+            raise AgentRefusedError(self.node.name, words[0], message, code)
         return answer
 
-    def wait_until_ready(self, seconds: float, log: Callable[[str], None] = lambda line: None) -> dict:
+    def status(self, answer: Answer | None = None) -> NodeStatus:
+        """The node's status in the contract's shape (asked for, unless an answer is given)."""
+        try:
+            return parse_status(self.call("status", timeout=30) if answer is None else answer)
+        except StatusError as exc:
+            raise AgentRefusedError(self.node.name, "status", str(exc)) from None
+
+    def wait_until_ready(self, seconds: float, log: Callable[[str], None] = lambda line: None) -> NodeStatus:
         """Poll `status` until the deploy agent answers; hand a booting node its bundle on the way.
 
         A new node may still be booting (SSH not up yet), or answer through its bootstrap agent
@@ -125,7 +138,7 @@ class Agent:
             try:
                 status = self.call("status", timeout=30)
                 if not status.get("bootstrapping"):
-                    return status
+                    return self.status(status)
                 state = status.get("bundle")
                 last = f"bootstrapping, bundle {state}"
                 if sent_bundle and state in BUNDLE_FAILURES:
@@ -166,7 +179,7 @@ class Agent:
             raise TransportError(f"{self.node.name}: upload failed: {(detail or ['rsync failed'])[-1][:300]}")
 
 
-def _json_line(stdout: bytes) -> dict | None:
+def _json_line(stdout: bytes) -> Answer | None:
     for line in reversed(stdout.decode(errors="replace").strip().splitlines()):
         if line.startswith("{"):
             try:

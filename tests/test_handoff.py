@@ -9,10 +9,21 @@ import sys
 import pytest
 from pulumi_harness import PROJECT_DIR, fake_ssh_public_key
 
-from site_sync.handoff import SCHEMA, HandoffError, build_handoff, parse_handoff
+from site_sync.handoff import SCHEMA, HandoffError, NodeTarget, build_handoff, parse_handoff
 
 DEPLOY_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nSECRET-DEPLOY-KEY\n-----END OPENSSH PRIVATE KEY-----\n"
 TLS_KEY = "-----BEGIN PRIVATE KEY-----\nSECRET-TLS-KEY\n-----END PRIVATE KEY-----\n"
+
+
+NODE = NodeTarget(
+    name="eu",
+    region="eu-central-1",
+    address="203.0.113.1",
+    port=22,
+    user="edgecdn",
+    host_key=fake_ssh_public_key("eu").strip(),
+    bundle=b"\x1f\x8b any bytes",
+)
 
 
 def document(**changes) -> str:
@@ -25,16 +36,7 @@ def document(**changes) -> str:
             deploy_key=DEPLOY_KEY,
             certificate_chain="-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n",
             certificate_key=TLS_KEY,
-            nodes=[
-                {
-                    "name": "eu",
-                    "region": "eu-central-1",
-                    "address": "203.0.113.1",
-                    "port": 22,
-                    "user": "edgecdn",
-                    "host_key": fake_ssh_public_key("eu").strip(),
-                }
-            ],
+            nodes=[NODE],
         )
     )
     doc.update(changes)
@@ -44,7 +46,7 @@ def document(**changes) -> str:
 def test_a_built_document_parses_back():
     handoff = parse_handoff(document())
     assert handoff.domain == "example.com" and handoff.aliases == ("www.example.com",)
-    assert handoff.nodes[0].address == "203.0.113.1" and handoff.nodes[0].port == 22
+    assert handoff.nodes == (NODE,), "the reader returns exactly the nodes the writer took"
     assert handoff.deploy_key == DEPLOY_KEY and handoff.certificate_key == TLS_KEY
     assert "SECRET" not in repr(handoff)
 

@@ -23,10 +23,10 @@ from pulumi_harness import Run, run_main
 from test_program import CONFIG
 from test_render import unpack
 
-from edgecdn.bootstrap import BUNDLE_DIGEST_FILE, USER_DATA_BUDGET, USER_DATA_LIMIT
 from edgecdn.edge_node import DRAIN_SECONDS, node_user_data
 from edgecdn.latency_dns import TTL
-from edgecdn.node_files import NodeLayout, bundle_digest, render_bundle
+from edgecdn.node.bootstrap import BUNDLE_DIGEST_FILE, USER_DATA_BUDGET, USER_DATA_LIMIT
+from edgecdn.node.files import NodeLayout, bundle_digest, render_bundle
 from site_sync.handoff import parse_handoff
 
 

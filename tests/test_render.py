@@ -6,6 +6,7 @@ import base64
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from pulumi_harness import fake_ssh_public_key
 
-from edgecdn.bootstrap import (
+from edgecdn.node.bootstrap import (
     BOOTSTRAP_AGENT,
     BOOTSTRAP_SCRIPT,
     BUNDLE_DIGEST_FILE,
@@ -29,9 +30,10 @@ from edgecdn.bootstrap import (
     render_bootstrap_script,
     render_bundle_installer,
 )
-from edgecdn.caddy_release import CADDY_SHA256, CADDY_VERSION
-from edgecdn.node_files import (
-    AGENT_SOURCE,
+from edgecdn.node.caddy_release import CADDY_SHA256, CADDY_VERSION
+from edgecdn.node.files import (
+    AGENT_LAUNCHER,
+    AGENT_MODULES,
     NodeLayout,
     bundle_digest,
     render_bundle,
@@ -140,7 +142,12 @@ def test_caddy_service_runs_the_pinned_binary_unprivileged_and_reloads_through_t
 
 def test_the_bundle_carries_the_reviewed_agent_byte_for_byte_and_its_layout():
     files = untar(render_bundle(LAYOUT))
-    assert files[LAYOUT.agent_path] == (AGENT_SOURCE.read_text(), 0o755)
+    assert files[LAYOUT.agent_path] == ((ROOT / AGENT_LAUNCHER).read_text(), 0o755)
+    shipped = {path.removeprefix(LAYOUT.agent_dir + "/") for path in files if path.endswith(".py")}
+    reviewed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "edgecdn" / "node" / "agent").glob("*.py")}
+    assert reviewed - {AGENT_LAUNCHER} <= shipped, "every agent module ships"
+    for name in AGENT_MODULES:
+        assert files[f"{LAYOUT.agent_dir}/{name}"] == ((ROOT / name).read_text(), 0o644), name
     assert files[LAYOUT.layout_file][0] == render_layout(LAYOUT)
     assert files[LAYOUT.caddyfile][0] == render_caddyfile(LAYOUT)
     assert files[LAYOUT.caddy_unit][0] == render_caddy_service(LAYOUT)
@@ -157,7 +164,10 @@ def test_caddy_pins_agree_across_nodes_and_the_lab():
     assert hashlib.sha256(binary.read_bytes()).hexdigest() == CADDY_SHA256[arch]
     version = subprocess.run([str(binary), "version"], capture_output=True, text=True, check=True).stdout
     assert version.startswith(f"v{CADDY_VERSION} ")
-    assert f"CADDY_VERSION = {CADDY_VERSION!r}".replace("'", '"') in (ROOT / "edgecdn" / "caddy_release.py").read_text()
+    assert (
+        f"CADDY_VERSION = {CADDY_VERSION!r}".replace("'", '"')
+        in (ROOT / "edgecdn" / "node" / "caddy_release.py").read_text()
+    )
 
 
 def test_caddy_is_downloaded_then_installed_only_on_a_digest_match():
@@ -267,3 +277,16 @@ def test_caddy_accepts_the_rendered_caddyfile(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     text = caddyfile.read_text()
     assert "protocols tls1.2 tls1.3" in text and "protocols h1 h2 h3" in text and "auto_https off" in text
+
+
+def test_the_shipped_agent_runs_alone_with_the_system_python(tmp_path):
+    """Unpacked from the bundle, away from the checkout: only the stdlib, brotli and what ships."""
+    with tarfile.open(fileobj=io.BytesIO(render_bundle(LAYOUT)), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    launcher = tmp_path / LAYOUT.agent_path.lstrip("/")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}  # -I must ignore PYTHONPATH
+    result = subprocess.run([str(launcher), "help"], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    answer = json.loads(result.stdout)
+    assert result.returncode == 2 and answer["ok"] is False, result.stderr
+    assert "verbs: status, begin ID BYTES, finalize ID < input" in answer["message"]
+    assert not list(tmp_path.rglob("__pycache__")), "no bytecode is written beside the reviewed source"

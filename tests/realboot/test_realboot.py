@@ -37,12 +37,12 @@ from pathlib import Path
 import pytest
 from lab_support import EXAMPLE_SITE, Lab, h3_certificate_serial, h3_get, issue_certificate, served_certificate_serial
 
-from edgecdn.bootstrap import user_data_base64
-from edgecdn.caddy_release import CADDY_SHA256, CADDY_VERSION
 from edgecdn.edge_node import node_user_data
-from edgecdn.lab import ALIASES, DOMAIN, make_certificates
-from edgecdn.node_files import NodeLayout, bundle_digest, bundle_text, render_bundle
-from site_sync.handoff import build_handoff
+from edgecdn.node.bootstrap import user_data_base64
+from edgecdn.node.caddy_release import CADDY_SHA256, CADDY_VERSION
+from edgecdn.node.files import NodeLayout, bundle_digest, render_bundle
+from lab import ALIASES, DOMAIN, make_certificates
+from site_sync.handoff import NodeTarget, build_handoff
 from site_sync.release import release_id_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,17 +105,17 @@ class VM:
     def console(self) -> Path:
         return self.dir / "console.log"
 
-    def handoff_node(self) -> dict:
-        return {
-            "name": self.layout.node_name,
-            "region": "realboot",
-            "address": "127.0.0.1",
-            "port": self.ssh_port,
-            "user": self.layout.deploy_user,
-            "host_key": self.host_public,
-            "https_port": self.https_port,
-            "bundle": bundle_text(render_bundle(self.layout)),
-        }
+    def handoff_node(self) -> NodeTarget:
+        return NodeTarget(
+            name=self.layout.node_name,
+            region="realboot",
+            address="127.0.0.1",
+            port=self.ssh_port,
+            user=self.layout.deploy_user,
+            host_key=self.host_public,
+            https_port=self.https_port,
+            bundle=render_bundle(self.layout),
+        )
 
     def lab_node(self) -> dict:
         return {

@@ -3,7 +3,7 @@
 User data is capped at 16 KB (EC2; Lightsail's launch script behaves the same), so it carries
 only what lets the deployer in and nothing it could not be trusted with: the node's host key,
 sshd settings, the deploy and admin keys, the pinned Caddy binary's digest, and the digest of
-the node bundle (agent, layout, Caddyfile: edgecdn.node_files.render_bundle). Until the bundle
+the node bundle (agent, layout, Caddyfile: edgecdn.node.files.render_bundle). Until the bundle
 is installed the deploy key reaches a small bootstrap agent that accepts one upload; root
 installs it only if its SHA-256 is the pinned one, so the deploy key gains nothing by it.
 
@@ -15,9 +15,10 @@ from __future__ import annotations
 import base64
 import gzip
 
-from edgecdn.caddy_release import CADDY_RELEASES, CADDY_SHA256, CADDY_VERSION, caddy_archive_url
-from edgecdn.node_files import NodeFile, NodeLayout, pack_files, render_sshd_config
-from edgecdn.node_files import render_deploy_authorized_keys as deploy_keys_line
+from edgecdn.contract import ExitCode
+from edgecdn.node.caddy_release import CADDY_RELEASES, CADDY_SHA256, CADDY_VERSION, caddy_archive_url
+from edgecdn.node.files import NodeFile, NodeLayout, pack_files, render_sshd_config
+from edgecdn.node.files import render_deploy_authorized_keys as deploy_keys_line
 
 USER_DATA_LIMIT = 16 * 1024
 # Half the limit: room for the node files to grow, checked with three RSA-4096 admin keys.
@@ -59,13 +60,13 @@ install-bundle)
   if [ "$(wc -c <{INCOMING_DIR}/bundle.part)" -gt {BUNDLE_LIMIT} ]; then
     rm -f {INCOMING_DIR}/bundle.part
     answer false "the bundle is larger than {BUNDLE_LIMIT} bytes"
-    exit 2
+    exit {ExitCode.REFUSED:d}
   fi
   mv -f {INCOMING_DIR}/bundle.part {INCOMING_DIR}/bundle.tar.gz
   answer true "bundle received" ;;
 *)
   answer false "the node is bootstrapping; it takes only its bundle"
-  exit 2 ;;
+  exit {ExitCode.REFUSED:d} ;;
 esac
 """
 
@@ -90,6 +91,8 @@ if [ "$(sha256sum <"$work/bundle" | cut -c1-64)" != "$(cat {BUNDLE_DIGEST_FILE})
   exit 1
 fi
 echo installing >{BUNDLE_STATE_FILE}
+# Directories the archive implies are made world-readable: the deploy user runs the agent's modules.
+umask 022
 # The agent goes in last: until it answers, the deployer waits for the web server to be up.
 tar -xzf "$work/bundle" -C / --no-same-owner --transform 's,^{agent}$,{agent}.new,'
 systemctl daemon-reload

@@ -1,6 +1,6 @@
 """The lab: N edge nodes as local processes on loopback addresses, from the very node files.
 
-`python -m edgecdn.lab up [--nodes 3] [--site example-site]` starts, per node, sshd with the
+`python -m lab up [--nodes 3] [--site example-site]` starts, per node, sshd with the
 rendered sshd_config and the deploy agent, and Caddy with the rendered Caddyfile, each on its
 own 127.0.80.x address. It makes a throwaway CA and a certificate for the lab domain, deploys
 the site with site_sync, checks every node and prints a table. `down` stops exactly the
@@ -23,12 +23,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from edgecdn.node_files import NodeLayout, render_node_files
-from site_sync.handoff import Handoff, build_handoff, parse_handoff
+from edgecdn.node.files import NodeLayout, render_node_files
+from site_sync.handoff import Handoff, NodeTarget, build_handoff, parse_handoff
 from site_sync.release import release_id_of
+
+Description = dict[str, Any]  # lab.json: the lab's nodes, processes and files, as JSON
 
 DOMAIN = "edgecdn.test"
 ALIASES = ("www.edgecdn.test",)
@@ -117,7 +121,7 @@ def lab_layout(
     )
 
 
-def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
     if result.returncode != 0:
         raise LabError(f"{Path(argv[0]).name} failed: {result.stderr.strip()[-500:]}")
@@ -152,7 +156,7 @@ def _keygen(path: Path, comment: str) -> str:
     return Path(str(path) + ".pub").read_text().strip()
 
 
-def _wait_for_port(address: str, port: int, process: subprocess.Popen, log: Path) -> None:
+def _wait_for_port(address: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -165,7 +169,7 @@ def _wait_for_port(address: str, port: int, process: subprocess.Popen, log: Path
     raise LabError(f"nothing listens on {address}:{port} after {START_TIMEOUT:.0f} s; see {log}")
 
 
-def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -174,19 +178,20 @@ def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> sub
 
 def start_node(
     name: str, node_dir: Path, keys_dir: Path, address: str, deploy_public_key: str, user: str
-) -> tuple[LabNode, list[dict]]:
+) -> tuple[LabNode, list[Description]]:
     """Install the node files for one node and start its sshd and Caddy."""
     https_port, http_port = _web_ports(address)
     for port in (SSH_PORT, https_port, http_port):
         if not _port_free(address, port):
             raise LabError(
                 f"{address}:{port} is already in use; is another lab running there? Stop it with "
-                "`python -m edgecdn.lab down --dir <its directory>`"
+                "`python -m lab down --dir <its directory>`"
             )
     layout = lab_layout(name, node_dir, keys_dir, address, https_port, http_port, user)
     for sub in ("run", "caddy-data", "caddy-config"):
         (node_dir / sub).mkdir(parents=True, exist_ok=True)
     for f in render_node_files(layout, deploy_public_key):
+        Path(f.path).parent.mkdir(parents=True, exist_ok=True)
         Path(f.path).write_text(f.content)
         Path(f.path).chmod(f.mode)
     host_key = _keygen(Path(layout.host_key), f"edgecdn-lab-{name}")
@@ -208,7 +213,7 @@ def start_node(
         "XDG_CONFIG_HOME": str(node_dir / "caddy-config"),
     }
     caddy = [layout.caddy_bin, "run", "--config", layout.caddyfile, "--adapter", "caddyfile"]
-    caddy_proc = _start([sys.executable, "-m", "edgecdn.lab", "supervise", "--", *caddy], caddy_log, env)
+    caddy_proc = _start([sys.executable, "-m", "lab", "supervise", "--", *caddy], caddy_log, env)
     processes.append({"node": name, "kind": "caddy", "pid": caddy_proc.pid, "config": layout.caddyfile})
     _wait_for_port(address, SSH_PORT, sshd_proc, sshd_log)
     _wait_for_port(address, https_port, caddy_proc, caddy_log)
@@ -216,19 +221,19 @@ def start_node(
     return node, processes
 
 
-def handoff_document(description: dict, site_dir: Path) -> str:
+def handoff_document(description: Description, site_dir: Path) -> str:
     """The handoff a `pulumi up` would give the deployer, for the lab's nodes and this site."""
     cert = description["certificate"]
     nodes = [
-        {
-            "name": n["name"],
-            "region": "lab",
-            "address": n["address"],
-            "port": n["ssh_port"],
-            "https_port": n["https_port"],
-            "user": n["user"],
-            "host_key": " ".join(n["host_key"].split()[:2]),  # the key, without its comment
-        }
+        NodeTarget(
+            name=n["name"],
+            region="lab",
+            address=n["address"],
+            port=n["ssh_port"],
+            https_port=n["https_port"],
+            user=n["user"],
+            host_key=" ".join(n["host_key"].split()[:2]),  # the key, without its comment
+        )
         for n in description["nodes"]
     ]
     return build_handoff(
@@ -244,12 +249,12 @@ def handoff_document(description: dict, site_dir: Path) -> str:
     )
 
 
-def handoff_for(description: dict, site_dir: Path) -> Handoff:
+def handoff_for(description: Description, site_dir: Path) -> Handoff:
     """The lab's handoff as the deployer reads it (through the same parser)."""
     return parse_handoff(handoff_document(description, site_dir))
 
 
-def _alive(process: dict) -> bool:
+def _alive(process: Description) -> bool:
     try:
         cmdline = Path(f"/proc/{process['pid']}/cmdline").read_bytes()
     except OSError:
@@ -305,8 +310,8 @@ def up(
     nodes: int = 3,
     site_dir: Path | None = Path("example-site"),
     base: str | None = DEFAULT_BASE,
-    log=print,
-) -> dict:
+    log: Callable[[str], None] = print,
+) -> Description:
     """Start the lab (after stopping a running one) and deploy site_dir unless it is None.
 
     `base` is the first three octets of the nodes' loopback addresses; None picks a free one at
@@ -327,7 +332,7 @@ def up(
     user = pwd.getpwuid(os.geteuid()).pw_name
     deploy_key_file = lab_dir / "deploy_key"
     deploy_public_key = _keygen(deploy_key_file, "edgecdn-lab-deploy")
-    description: dict = {
+    description: Description = {
         "domain": DOMAIN,
         "aliases": list(ALIASES),
         **{"ca_cert": "", "certificate": {}},
@@ -351,7 +356,7 @@ def up(
     except BaseException:
         down(lab_dir)
         raise
-    log(f"lab: {nodes} nodes up in {lab_dir}/ (stop them with: python -m edgecdn.lab down)")
+    log(f"lab: {nodes} nodes up in {lab_dir}/ (stop them with: python -m lab down)")
     if site_dir is not None:
         deploy_site(description, site_dir, log)
     return description
@@ -368,7 +373,7 @@ def free_base(nodes: int) -> str:
     raise LabError("found no free loopback addresses for the lab")
 
 
-def deploy_site(description: dict, site_dir: Path, log=print) -> None:
+def deploy_site(description: Description, site_dir: Path, log: Callable[[str], None] = print) -> None:
     """Deploy site_dir to the lab's nodes as `pulumi up` does: the deployer's CLI, the handoff on stdin."""
     result = subprocess.run(
         [sys.executable, "-m", "site_sync", "deploy", "--handoff", "-", "--wait", "30"],
@@ -427,7 +432,7 @@ def _make_writable_and_remove(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def node_table(description: dict) -> list[dict]:
+def node_table(description: Description) -> list[Description]:
     """Per node: the release it serves, the HTTP version negotiated, time to first byte."""
     curl = _tool("curl")
     rows = []
@@ -454,7 +459,7 @@ def node_table(description: dict) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[Description]) -> None:
     """The node table, aligned."""
     headers = ["node", "address", "status", "release", "http", "ttfb_ms"]
     widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
@@ -470,7 +475,7 @@ def supervise(argv: list[str]) -> int:
     """
     stopping = False
     failures: list[float] = []
-    child: subprocess.Popen | None = None
+    child: subprocess.Popen[bytes] | None = None
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -497,7 +502,7 @@ def supervise(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`up`, `down` or `status`."""
-    parser = argparse.ArgumentParser(prog="python -m edgecdn.lab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the lab keeps its state (.lab)")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("up", help="start the nodes and deploy the site")
@@ -522,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "deploy":
             state = args.dir / "lab.json"
             if not state.exists():
-                print("no lab here; start one with: python -m edgecdn.lab up", file=sys.stderr)
+                print("no lab here; start one with: python -m lab up", file=sys.stderr)
                 return 1
             description = json.loads(state.read_text())
             deploy_site(description, args.site)
@@ -533,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             state = args.dir / "lab.json"
             if not state.exists():
-                print("no lab here; start one with: python -m edgecdn.lab up")
+                print("no lab here; start one with: python -m lab up")
                 return 1
             print_table(node_table(json.loads(state.read_text())))
     except LabError as exc:

@@ -6,7 +6,6 @@ tests is what the bootstrap installs.
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import io
@@ -15,13 +14,25 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from edgecdn.agent import HEALTH_MARKER, HEALTH_PATH
+from edgecdn.contract import LAYOUT_FILE
 
-AGENT_SOURCE = Path(__file__).with_name("agent.py")
-AGENT_LAYOUT_FILE = "layout.json"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding edgecdn/
+# The agent as it runs on a node: its launcher, and the modules it imports, shipped as they are.
+AGENT_LAUNCHER = "edgecdn/node/agent/launcher.py"
+AGENT_MODULES = (
+    "edgecdn/__init__.py",
+    "edgecdn/contract.py",
+    "edgecdn/node/__init__.py",
+    "edgecdn/node/agent/__init__.py",
+    "edgecdn/node/agent/common.py",
+    "edgecdn/node/agent/rules.py",
+    "edgecdn/node/agent/webserver.py",
+    "edgecdn/node/agent/store.py",
+    "edgecdn/node/agent/certs.py",
+    "edgecdn/node/agent/protocol.py",
+)
 DEPLOY_USER = "edgecdn"
 SSH_PORT = 22
-__all__ = ["DEPLOY_USER", "HEALTH_MARKER", "HEALTH_PATH", "SSH_PORT", "NodeFile", "NodeLayout"]
 
 
 @dataclass(frozen=True)
@@ -64,9 +75,14 @@ class NodeLayout:
         return f"{self.root}/state"
 
     @property
+    def agent_dir(self) -> str:
+        """Where the agent's launcher, modules and layout are installed."""
+        return str(PurePosixPath(self.agent_path).parent)
+
+    @property
     def layout_file(self) -> str:
-        """The agent reads its layout from this file beside it."""
-        return str(PurePosixPath(self.agent_path).with_name(AGENT_LAYOUT_FILE))
+        """The agent reads its layout from this file beside its launcher."""
+        return str(PurePosixPath(self.agent_dir, LAYOUT_FILE))
 
 
 @dataclass(frozen=True)
@@ -180,9 +196,10 @@ def render_deploy_authorized_keys(layout: NodeLayout, deploy_public_key: str) ->
     return f'command="{layout.agent_path}",restrict {key} edgecdn-deploy\n'
 
 
-def render_agent() -> str:
-    """The deploy agent, byte for byte as reviewed in edgecdn/agent.py."""
-    return AGENT_SOURCE.read_text()
+def render_agent(layout: NodeLayout) -> list[NodeFile]:
+    """The deploy agent, byte for byte as reviewed: its launcher at agent_path, its modules beside it."""
+    modules = [NodeFile(f"{layout.agent_dir}/{name}", (PACKAGE_ROOT / name).read_text()) for name in AGENT_MODULES]
+    return [NodeFile(layout.agent_path, (PACKAGE_ROOT / AGENT_LAUNCHER).read_text(), 0o755), *modules]
 
 
 def render_layout(layout: NodeLayout) -> str:
@@ -234,7 +251,7 @@ WantedBy=multi-user.target
 def render_bundle_files(layout: NodeLayout) -> list[NodeFile]:
     """What the node bundle carries: the agent, its layout, and the web server's config and unit."""
     return [
-        NodeFile(layout.agent_path, render_agent(), 0o755),
+        *render_agent(layout),
         NodeFile(layout.layout_file, render_layout(layout)),
         NodeFile(layout.caddyfile, render_caddyfile(layout)),
         NodeFile(layout.caddy_unit, render_caddy_service(layout)),
@@ -270,8 +287,3 @@ def render_bundle(layout: NodeLayout) -> bytes:
 def bundle_digest(bundle: bytes) -> str:
     """The SHA-256 that user data pins for a bundle."""
     return hashlib.sha256(bundle).hexdigest()
-
-
-def bundle_text(bundle: bytes) -> str:
-    """A bundle as the handoff document carries it."""
-    return base64.b64encode(bundle).decode()

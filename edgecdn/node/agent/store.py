@@ -1,0 +1,421 @@
+"""The release store: uploads, finalized releases, and which one is served.
+
+Layout under the node root (Capistrano's, plus a verifying area):
+  staging/ID     where rsync writes an upload (the only place the deploy key can write files)
+  verifying/ID   an upload being checked, out of rsync's reach
+  releases/ID    finalized, read-only releases; current and previous link to two of them
+  meta/ID.json   each release's record: its manifest, compiled rules, when it was finalized
+  state/         the site config the web server imports, and the lock
+
+A finalized release is checked against its manifest on every activation and status, so a
+change after finalize is noticed before it is served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import brotli  # Debian's python3-brotli: compressed siblings are checked against their sources
+
+from edgecdn.contract import (
+    FREE_DISK_FLOOR_BYTES,
+    HEALTH_FILE,
+    MAX_MANIFEST_FILES,
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    MAX_RELEASE_BYTES,
+    RELEASE_ID,
+    RESERVED_PREFIX,
+    SHA256_HEX,
+    ManifestEntry,
+    file_sha256,
+    health_body,
+    is_reserved,
+    release_id_of,
+)
+from edgecdn.node.agent import webserver
+from edgecdn.node.agent.common import AgentError, Answer, Paths, atomic_symlink, atomic_write, remove_tree, run
+from edgecdn.node.agent.rules import Rules, compile_rules
+
+# An upload the agent began this long ago and never finalized is abandoned: a deployer that
+# died mid-upload cannot hold a node's disk for longer.
+STAGING_STALE_SECONDS = 3600
+
+
+def _valid_rel_path(rel: str) -> bool:
+    try:
+        encoded = rel.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    if not rel or rel.startswith("/") or "\\" in rel or len(encoded) > MAX_PATH_BYTES:
+        return False
+    if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
+        return False
+    return all(part not in ("", ".", "..") and len(part.encode()) <= MAX_NAME_BYTES for part in rel.split("/"))
+
+
+def parse_manifest(data: bytes, release_id: str) -> list[ManifestEntry]:
+    """Check the manifest's shape and that it hashes to the release id."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a number too long, nesting too deep
+        raise AgentError("manifest is not JSON within the agent's limits") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, list) or not files or len(files) > MAX_MANIFEST_FILES:
+        raise AgentError("manifest needs a 'files' list of 1 to 200000 entries")
+    seen = set()
+    for e in files:
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("path"), str)
+            and _valid_rel_path(e["path"])
+            and isinstance(e.get("size"), int)
+            and e["size"] >= 0
+            and isinstance(e.get("sha256"), str)
+            and SHA256_HEX.match(e["sha256"])
+            and isinstance(e.get("derived", False), bool)
+        ):
+            raise AgentError(f"manifest entry is malformed: {str(e)[:200]}")
+        if e["path"] in seen:
+            raise AgentError(f"manifest lists {e['path']!r} twice")
+        if is_reserved(e["path"]):
+            raise AgentError(f"{e['path']!r} is inside /{RESERVED_PREFIX}, which the node writes itself")
+        seen.add(e["path"])
+    for e in files:
+        if e.get("derived"):
+            base, _, ext = e["path"].rpartition(".")
+            if ext not in ("br", "gz") or base not in seen:
+                raise AgentError(f"derived file {e['path']!r} has no source file in the release")
+    entries = cast(list[ManifestEntry], files)
+    if release_id_of(entries) != release_id:
+        raise AgentError("manifest does not hash to the release id; the upload is not that release")
+    if "index.html" not in seen:
+        raise AgentError("release has no index.html")
+    return entries
+
+
+def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
+    """The SHA-256 of a compressed sibling's content, or None when it is not `limit` bytes of it."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        if kind == "gz":
+            stream = gzip.GzipFile(fileobj=f)
+            while chunk := stream.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    return None
+                digest.update(chunk)
+        else:
+            decompressor = brotli.Decompressor()
+            while data := f.read(1 << 12):
+                chunk = decompressor.process(data)
+                size += len(chunk)
+                if size > limit:
+                    return None
+                digest.update(chunk)
+    return digest.hexdigest() if size == limit else None
+
+
+def verify_tree(tree: Path, files: list[ManifestEntry]) -> None:
+    """The tree holds exactly the manifest's files: no more, no less, no links, nothing shared.
+
+    A compressed sibling (x.css.br, x.css.gz) must decompress to its source, byte for byte, so
+    the release id, which covers the sources, determines every byte a node can serve.
+    """
+    expected = {e["path"]: e for e in files}
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(tree).as_posix()
+            info = full.lstat()
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
+            entry = expected.get(rel)
+            if entry is None:
+                raise AgentError(f"{rel!r} is not in the manifest")
+            if info.st_size != entry["size"] or file_sha256(full) != entry["sha256"]:
+                raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
+            if entry.get("derived"):
+                source = expected[rel.rpartition(".")[0]]
+                try:
+                    same = _decompressed_sha256(full, rel.rpartition(".")[2], source["size"]) == source["sha256"]
+                except (OSError, EOFError, brotli.error):
+                    same = False
+                if not same:
+                    raise AgentError(f"{rel!r} is not a compression of {source['path']!r}")
+            found.add(rel)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise AgentError(f"{len(missing)} files are missing, e.g. {missing[0]!r}")
+
+
+def _record(paths: Paths, release_id: str) -> dict[str, Any]:
+    record = json.loads((paths.meta / f"{release_id}.json").read_text())
+    if not isinstance(record, dict):
+        raise ValueError("a release record is a JSON object")
+    return record
+
+
+def _rules_of(paths: Paths, release_id: str | None) -> Rules | None:
+    if not release_id:
+        return None
+    try:
+        return cast(Rules, _record(paths, release_id)["rules"])
+    except (OSError, ValueError, KeyError):
+        raise AgentError(f"release {release_id} has no record; finalize it again", "state") from None
+
+
+def write_site(paths: Paths, current: str | None, previous: str | None) -> None:
+    """Write the site config for these releases; the web server reads it on its next reload."""
+    snippet = webserver.render_site(
+        paths.layout, current, previous, _rules_of(paths, current), paths.cert_installed.exists()
+    )
+    atomic_write(paths.identity_snippet, webserver.render_identity(paths.layout, current).encode(), 0o644)
+    atomic_write(paths.site_snippet, snippet.encode(), 0o644)
+
+
+def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
+    """Make the web server serve these releases, then record them; on any failure change nothing.
+
+    The recorded state (the current and previous links that `status` reports) moves only once
+    the web server has confirmed the new configuration.
+    """
+    snippets = (paths.site_snippet, paths.identity_snippet)
+    old_snippets = {p: p.read_bytes() for p in snippets if p.exists()}
+    write_site(paths, current, previous)
+    try:
+        webserver.reload(paths.layout)
+    except AgentError:
+        for path, content in old_snippets.items():
+            atomic_write(path, content, 0o644)
+        # After a timeout the server may hold either config: give it the old one again.
+        with contextlib.suppress(AgentError):
+            webserver.reload(paths.layout)
+        raise
+    for link, target in ((paths.previous, previous), (paths.current, current)):
+        if target:
+            atomic_symlink(link, f"releases/{target}")
+
+
+def init(paths: Paths) -> Answer:
+    """Create the node's directories, a placeholder certificate and the not-ready site."""
+    for d in (paths.root, paths.releases, paths.staging, paths.verifying, paths.meta, paths.state):
+        d.mkdir(parents=True, exist_ok=True)
+    paths.tls.mkdir(parents=True, exist_ok=True)
+    if not paths.cert.exists() or not paths.key.exists():
+        # Caddy will not start without a certificate; health stays 503 until a real one arrives.
+        result = run(
+            [
+                paths.layout["openssl_bin"], "req", "-x509", "-newkey", "ec",
+                "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", "/CN=edgecdn-placeholder", "-keyout", str(paths.key), "-out", str(paths.cert),
+            ]
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise AgentError("could not make a placeholder certificate", "init")
+        os.chmod(paths.key, 0o640)
+        paths.cert_installed.unlink(missing_ok=True)
+    if not paths.site_snippet.exists() or not paths.identity_snippet.exists():
+        current = paths.link_target(paths.current)
+        write_site(paths, current, paths.link_target(paths.previous))
+    return {"initialized": str(paths.root)}
+
+
+def finalize(paths: Paths, release_id: str, manifest: bytes) -> Answer:
+    """Check a staged upload against its manifest (stdin) and make it an immutable release.
+
+    The upload leaves the staging area (where rsync writes) before it is checked, so nothing
+    can change it between the check and the release.
+    """
+    target = paths.release(release_id)
+    if target.exists():
+        remove_tree(paths.staging / release_id)
+        return {"release": release_id, "finalized": True, "already": True}
+    files = parse_manifest(manifest, release_id)
+    staged = paths.staging / release_id
+    if not staged.is_dir() or staged.is_symlink() or not _upload_record(paths, release_id).exists():
+        raise AgentError(f"release {release_id} has not been uploaded (begin, rsync, then finalize)")
+    if sum(e["size"] for e in files) > MAX_RELEASE_BYTES:
+        raise AgentError(f"the release is larger than the {MAX_RELEASE_BYTES} bytes a node takes", "quota")
+    paths.verifying.mkdir(exist_ok=True)
+    checking = paths.verifying / release_id
+    remove_tree(checking)
+    os.rename(staged, checking)
+    try:
+        verify_tree(checking, files)
+        rules = compile_rules(checking)
+        # A rules file the web server would reject fails here, not at activation on every node.
+        site = webserver.render_site(paths.layout, release_id, paths.link_target(paths.current), rules, True)
+        webserver.validate(paths, site, paths.cert.read_bytes(), paths.key.read_bytes(), "this site's rules")
+    except BaseException:
+        remove_tree(checking)
+        raise
+    marker = checking / HEALTH_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_bytes(health_body(release_id).encode())
+    entries: list[ManifestEntry] = [
+        *files,
+        {"path": HEALTH_FILE, "size": marker.stat().st_size, "sha256": file_sha256(marker)},
+    ]
+    record = {
+        "release": release_id,
+        "files": len(files),
+        "finalized_at": int(time.time()),
+        "rules": rules,
+        "manifest": [[e["path"], e["size"], e["sha256"]] for e in entries],
+    }
+    atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
+    for dirpath, _, filenames in os.walk(checking):
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o444)
+    os.rename(checking, target)
+    _upload_record(paths, release_id).unlink(missing_ok=True)
+    for dirpath, _, _ in os.walk(target, topdown=False):
+        os.chmod(dirpath, 0o555)  # noqa: S103 - released files are public web content
+    return {"release": release_id, "finalized": True, "already": False, "files": len(files)}
+
+
+def _upload_record(paths: Paths, release_id: str) -> Path:
+    return paths.meta / f"upload-{release_id}.json"
+
+
+def begin(paths: Paths, release_id: str, size: str) -> Answer:
+    """Open an upload of `size` bytes: within the quota and above the free-disk floor, or refused.
+
+    The agent records when it began, so stale uploads are pruned by its own clock, never by
+    file times a client can set; uploads abandoned by earlier deployers are pruned first, so
+    none can hold the node's disk for more than an hour.
+    """
+    total = int(size)
+    _prune_abandoned_uploads(paths, time.time())
+    if total > MAX_RELEASE_BYTES:
+        raise AgentError(f"the release is {total} bytes; a node takes at most {MAX_RELEASE_BYTES}", "quota")
+    usage = shutil.disk_usage(paths.root)
+    if usage.free - total < FREE_DISK_FLOOR_BYTES:
+        raise AgentError(
+            f"the node has {usage.free} bytes free; this upload of {total} would leave less than "
+            f"{FREE_DISK_FLOOR_BYTES} (prune old releases or use a bigger disk)",
+            "quota",
+        )
+    (paths.staging / release_id).mkdir(exist_ok=True)
+    atomic_write(_upload_record(paths, release_id), json.dumps({"began": time.time(), "bytes": total}).encode(), 0o644)
+    return {"release": release_id, "upload": "open", "bytes": total}
+
+
+def intact(paths: Paths, release_id: str) -> bool:
+    """Whether a finalized release still holds exactly what was verified at finalize."""
+    try:
+        # Compressed siblings were proven at finalize; here every file's bytes are checked.
+        files: list[ManifestEntry] = [
+            {"path": p, "size": size, "sha256": sha} for p, size, sha in _record(paths, release_id)["manifest"]
+        ]
+        verify_tree(paths.release(release_id), files)
+    except (AgentError, OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def activate(paths: Paths, release_id: str) -> Answer:
+    """Serve a finalized release; the one it replaces becomes previous."""
+    target = paths.release(release_id)
+    if not target.is_dir() or not (paths.meta / f"{release_id}.json").exists():
+        raise AgentError(f"release {release_id} is not finalized on this node", "missing")
+    if not intact(paths, release_id):
+        raise AgentError(
+            f"release {release_id} was altered on this node after it was finalized; upload it again", "integrity"
+        )
+    current = paths.link_target(paths.current)
+    previous = paths.link_target(paths.previous)
+    if current == release_id:
+        write_site(paths, current, previous)
+        webserver.reload(paths.layout)
+        return {"active": release_id, "previous": previous, "changed": False}
+    _switch(paths, release_id, current or previous)
+    return {"active": release_id, "previous": current or previous, "changed": True}
+
+
+def rollback(paths: Paths) -> Answer:
+    """Serve the previous release again; the current one becomes previous."""
+    current = paths.link_target(paths.current)
+    previous = paths.link_target(paths.previous)
+    if not previous or not paths.release(previous).is_dir():
+        raise AgentError("there is no previous release to roll back to", "missing")
+    _switch(paths, previous, current)
+    return {"active": previous, "previous": current, "changed": True}
+
+
+def _finalized_at(paths: Paths, release_id: str) -> float:
+    try:
+        return float(_record(paths, release_id)["finalized_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def prune(paths: Paths, keep: int) -> Answer:
+    """Delete releases beyond the newest `keep`, and abandoned uploads.
+
+    Never current or previous, and never a release finalized within the last hour: another
+    deploy may be about to activate it.
+    """
+    protected = {paths.link_target(paths.current), paths.link_target(paths.previous)}
+    now = time.time()
+    finalized = sorted(
+        ((_finalized_at(paths, p.name), p.name) for p in paths.releases.iterdir() if RELEASE_ID.match(p.name)),
+        reverse=True,
+    )
+    removed = []
+    for when, name in finalized[keep:]:
+        if name not in protected and now - when > STAGING_STALE_SECONDS:
+            remove_tree(paths.releases / name)
+            (paths.meta / f"{name}.json").unlink(missing_ok=True)
+            removed.append(name)
+    return {"removed": removed + _prune_abandoned_uploads(paths, now)}
+
+
+def _prune_abandoned_uploads(paths: Paths, now: float) -> list[str]:
+    """Uploads begun more than an hour ago by the agent's own clock, never by client-set file times."""
+    removed = []
+    for p in paths.staging.iterdir():
+        try:
+            began = float(json.loads(_upload_record(paths, p.name).read_text())["began"])
+        except (OSError, ValueError, KeyError, TypeError):
+            began = 0.0  # an upload that never began through the agent is stale at once
+        if now - began > STAGING_STALE_SECONDS:
+            remove_tree(p)
+            _upload_record(paths, p.name).unlink(missing_ok=True)
+            removed.append(f"staging/{p.name}")
+    return removed
+
+
+def _release_names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if RELEASE_ID.match(p.name)) if directory.is_dir() else []
+
+
+def releases_status(paths: Paths) -> dict[str, Any]:
+    """What this node serves and holds: the release part of the status answer."""
+    releases = (
+        sorted(p.name for p in paths.releases.iterdir() if RELEASE_ID.match(p.name)) if paths.releases.is_dir() else []
+    )
+    staged = (
+        sorted(p.name for p in paths.staging.iterdir() if RELEASE_ID.match(p.name)) if paths.staging.is_dir() else []
+    )
+    active = paths.link_target(paths.current)
+    return {
+        "active": active,
+        "intact": intact(paths, active) if active else None,
+        "previous": paths.link_target(paths.previous),
+        "releases": releases,
+        "staged": staged,
+    }

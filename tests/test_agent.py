@@ -1,0 +1,189 @@
+"""The deploy agent driven in-process through `main`: its boundary, without sshd or a web server.
+
+What reaches the agent over SSH is pinned against a real lab node in test_lab.py; here every
+request goes through the same `main(argv, env, stdin, stdout)` that the node's launcher calls.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from edgecdn.contract import ExitCode, parse_status
+from edgecdn.node.agent import protocol
+from edgecdn.node.agent.common import AgentError, Paths
+from edgecdn.node.files import NodeLayout, render_layout
+
+REMOTE = {"SSH_CONNECTION": "198.51.100.7 50000 192.0.2.1 22"}
+RELEASE = "0123456789abcdef0123"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Path:
+    """A node's layout file, its root and TLS directory under tmp_path, initialized."""
+    layout = NodeLayout(
+        node_name="eu",
+        domain="edgecdn.test",
+        root=str(tmp_path / "srv"),
+        tls_dir=str(tmp_path / "tls"),
+        caddy_bin=shutil.which("caddy") or "/usr/local/bin/caddy",
+        openssl_bin=shutil.which("openssl") or "/usr/bin/openssl",
+    )
+    layout_file = tmp_path / "layout.json"
+    layout_file.write_text(render_layout(layout))
+    code, answer = run(layout_file, ["init"], env={})
+    assert code == ExitCode.OK, answer
+    return layout_file
+
+
+def run(layout_file: Path, argv: list[str], env: dict[str, str], stdin: bytes = b"") -> tuple[int, dict]:
+    out = io.StringIO()
+    code = protocol.main(argv, env, io.BytesIO(stdin), out, layout_file=layout_file)
+    return code, json.loads(out.getvalue())
+
+
+def remote(layout_file: Path, command: str, stdin: bytes = b"") -> tuple[int, dict]:
+    return run(layout_file, [], {**REMOTE, "SSH_ORIGINAL_COMMAND": command}, stdin)
+
+
+def test_local_only_verbs_cannot_be_reached_with_the_deploy_key(node):
+    code, answer = remote(node, "init")
+    assert code == ExitCode.REFUSED and answer["error"] == "refused"
+    assert "unknown request 'init'" in answer["message"] and "init" not in answer["message"].split(";")[1]
+
+
+def test_over_ssh_the_request_comes_from_sshd_never_from_argv(node):
+    code, answer = run(node, ["init"], {**REMOTE, "SSH_ORIGINAL_COMMAND": "status"})
+    assert code == ExitCode.OK and answer["node"] == "eu"
+
+
+def test_the_status_answer_has_the_contracts_shape(node):
+    code, answer = remote(node, "status")
+    status = parse_status(answer)
+    assert code == ExitCode.OK
+    assert (status["active"], status["certificate"], status["releases"]) == (None, None, [])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "status extra",
+        "begin",
+        f"begin {RELEASE}",
+        f"begin {RELEASE} -1",
+        f"begin {RELEASE} 99999999999999999999",
+        "activate ../../etc",
+        "activate " + "A" * 20,
+        "prune 0",
+        "prune 100",
+        "prune 1e3",
+        "rollback now",
+        "sh -c id",
+        "'unterminated",
+        "x" * 5000,
+    ],
+)
+def test_every_argument_is_checked_against_the_verb_table(node, command):
+    code, answer = remote(node, command)
+    assert code == ExitCode.REFUSED, answer
+    assert answer["ok"] is False and answer["error"] == "refused"
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"files": {}}',
+        b'{"files": [{"path": "\\ud800", "size": 1, "sha256": "' + b"0" * 64 + b'"}]}',
+        b'{"files": [{"path": "a", "size": 1e999, "sha256": "' + b"0" * 64 + b'"}]}',
+        b'{"files": [{"path": "a", "size": ' + b"9" * 5000 + b', "sha256": "x"}]}',
+        b'{"files": [{"path": "a/../../b", "size": 1, "sha256": "' + b"0" * 64 + b'"}]}',
+        b'{"files": [{"path": ".well-known/edgecdn/health", "size": 1, "sha256": "' + b"0" * 64 + b'"}]}',
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["text", "binary", "list", "dict-files", "surrogate", "infinity", "huge-int", "dotdot", "reserved", "deep"],
+)
+def test_a_hostile_manifest_gets_a_json_refusal_never_a_traceback(node, manifest):
+    code, answer = remote(node, f"finalize {RELEASE}", stdin=manifest)
+    assert code == ExitCode.REFUSED, answer
+    assert answer["ok"] is False and "Traceback" not in answer["message"]
+
+
+def test_input_beyond_a_verbs_limit_is_refused_before_anything_runs(node):
+    code, answer = remote(node, "install-cert", stdin=b"x" * (protocol.MAX_CERT_BYTES + 1))
+    assert code == ExitCode.REFUSED and "larger than" in answer["message"]
+
+
+def test_a_second_deploy_is_told_the_node_is_busy_while_reads_go_on(node):
+    paths = Paths(json.loads(node.read_text()))
+    with protocol.state_lock(paths):
+        code, answer = remote(node, "rollback")
+        assert code == ExitCode.BUSY and answer["error"] == "busy"
+        assert remote(node, "status")[0] == ExitCode.OK
+    assert remote(node, "rollback")[1]["error"] == "missing", "the lock is released after the request"
+
+
+def test_a_silent_client_cannot_hold_a_request_open():
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(read_end, "rb", buffering=0) as stream:
+            started = time.monotonic()
+            with pytest.raises(AgentError, match="did not arrive within"):
+                protocol.read_input(stream, 100, seconds=0.3)
+            assert time.monotonic() - started < 5
+    finally:
+        os.close(write_end)
+
+
+def test_input_is_read_before_the_lock_is_taken(node, monkeypatch):
+    order: list[str] = []
+    monkeypatch.setattr(protocol, "read_input", lambda stream, limit: order.append("read") or b"")
+    real_lock = protocol.state_lock
+
+    def lock(paths):
+        order.append("lock")
+        return real_lock(paths)
+
+    monkeypatch.setattr(protocol, "state_lock", lock)
+    remote(node, f"finalize {RELEASE}")
+    assert order == ["read", "lock"]
+
+
+def test_each_request_leaves_one_audit_line_with_client_and_outcome(node, monkeypatch):
+    lines: list[str] = []
+    monkeypatch.setattr(protocol.syslog, "syslog", lambda priority, line: lines.append(line))
+    remote(node, "status")
+    remote(node, "activate ../x")
+    run(node, ["status"], env={})
+    assert lines == [
+        "client=198.51.100.7 request='status' outcome=ok",
+        "client=198.51.100.7 request='activate ../x' outcome=refused:refused",
+        "client=local request='status' outcome=ok",
+    ]
+
+
+def test_an_unexpected_failure_is_a_json_answer_with_its_own_exit_code(node, monkeypatch):
+    def broken(paths):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(protocol.store, "releases_status", broken)
+    code, answer = remote(node, "status")
+    assert code == ExitCode.INTERNAL
+    assert answer == {"ok": False, "error": "internal", "message": "OSError: disk on fire"}
+
+
+def test_help_and_refusals_come_from_the_verb_table():
+    remote_usage, local_usage = protocol.usage(), protocol.usage(local=True)
+    for name, verb in protocol.VERBS.items():
+        assert (verb.usage(name) in remote_usage) is not verb.local_only, name
+        assert verb.usage(name) in local_usage
+    assert protocol.VERBS["finalize"].usage("finalize") == "finalize ID < input"
+    assert protocol.VERBS["prune"].usage("prune") == "prune [N]"
