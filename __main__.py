@@ -11,8 +11,9 @@ from edgecdn.edge_node import EdgeNode, EdgeNodeArgs, check_user_data_budget
 from edgecdn.latency_dns import LatencyDNS, LatencyDNSArgs, LatencyTarget
 from edgecdn.monitoring import Monitoring, MonitoringArgs
 from edgecdn.pricing import estimate_monthly_cost
-from edgecdn.site_push import PushArgs, PushNode, SitePush, SitePushArgs
+from edgecdn.site_push import PushArgs, PushNode, SitePush, SitePushArgs, site_path_for_handoff
 from edgecdn.stack_config import read_stack_config, stack_file
+from site_sync.cache import open_cache
 from site_sync.release import SiteError, release_id_of
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -20,7 +21,8 @@ PROJECT_DIR = Path(__file__).resolve().parent
 try:
     config = read_stack_config(PROJECT_DIR)
     check_user_data_budget(config, stack_file())
-    release_id = release_id_of(config.site_dir)
+    with open_cache() as cache:  # hashes cached by path and stat: seconds, not minutes, for a big site
+        release_id = release_id_of(config.site_dir, cache)
 except (ConfigError, SiteError) as exc:
     raise pulumi.RunError(f"edgecdn: {exc}") from None
 
@@ -43,8 +45,7 @@ push_args = PushArgs(
     domain=config.domain,
     aliases=config.aliases,
     release_id=release_id,
-    site_dir=str(config.site_dir),
-    project_dir=str(PROJECT_DIR),
+    site_dir=site_path_for_handoff(config.site_dir, PROJECT_DIR),
     deploy_private_key=deploy_key.private_key_openssh,
     certificate_chain=certificate.chain_pem,
     certificate_key=certificate.private_key_pem,
@@ -98,6 +99,8 @@ push = SitePush(
 
 pulumi.export("url", f"https://{config.domain}/")
 pulumi.export("releaseId", release_id)
+# Secret: for `python -m site_sync status|rollback --handoff -` (see the README).
+pulumi.export("handoff", push.handoff)
 pulumi.export(
     "nodes",
     [{"name": n.name, "region": n.region, "ipv4": n.ipv4, "ipv6": n.ipv6} for n in nodes],

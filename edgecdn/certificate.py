@@ -35,9 +35,9 @@ def caa_records(issuer: str) -> list[str]:
     return [f'0 issue "{issuer}"', '0 issuewild ";"']
 
 
-def join_chain(parts: list[str]) -> str:
+def join_chain(parts: dict[str, str]) -> str:
     """Leaf then issuer, as one PEM chain."""
-    return "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+    return "".join(part if part.endswith("\n") else part + "\n" for part in (parts["leaf"], parts["issuer"]))
 
 
 class SiteCertificate(pulumi.ComponentResource):
@@ -104,7 +104,9 @@ class SiteCertificate(pulumi.ComponentResource):
                 additional_secret_outputs=["privateKeyPem", "certificateP12"],
             ),
         )
-        self.chain_pem = pulumi.Output.all(certificate.certificate_pem, certificate.issuer_pem).apply(join_chain)
+        self.chain_pem = pulumi.Output.all(leaf=certificate.certificate_pem, issuer=certificate.issuer_pem).apply(
+            join_chain
+        )
         self.private_key_pem = pulumi.Output.secret(certificate.private_key_pem)
         self.not_after = certificate.certificate_not_after
         self.register_outputs({"chainPem": self.chain_pem, "notAfter": self.not_after})

@@ -59,8 +59,9 @@ LAYOUT_FILE = "layout.json"
 # ---------------------------------------------------------------- limits a node enforces
 
 MAX_RELEASE_BYTES = 4 << 30
-MAX_MANIFEST_FILES = 200_000
-MAX_MANIFEST_BYTES = 32 << 20
+# A 100,000-file site with a brotli and a gzip sibling for every text file fits, with room.
+MAX_MANIFEST_FILES = 400_000
+MAX_MANIFEST_BYTES = 96 << 20
 FREE_DISK_FLOOR_BYTES = 1 << 30
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255
@@ -99,6 +100,28 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# Every file's modification time is derived from its content, on the deployer and on every
+# node alike, so the web server's ETag (mtime and size) changes exactly when the content does
+# and is the same on every node. The times lie in the past (1973 to 2007): a Last-Modified in
+# the future would look broken, and caches never use it since every answer has Cache-Control.
+CONTENT_MTIME_EPOCH = 100_000_000
+CONTENT_MTIME_SPAN = 1 << 30
+
+
+def content_mtime(sha256: str) -> int:
+    """The modification time a file with this content gets everywhere."""
+    return CONTENT_MTIME_EPOCH + int(sha256[:8], 16) % CONTENT_MTIME_SPAN
+
+
+# ---------------------------------------------------------------- deploy leases
+
+# A deployer holds a lease on every node for the length of a deploy, so a second deploy (CI and
+# a laptop at once) is told "busy" instead of interleaving. A lease always expires.
+LEASE_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+LEASE_PREFIX = "lease="
+MAX_LEASE_SECONDS = 900
 
 
 # ---------------------------------------------------------------- certificates

@@ -33,7 +33,7 @@ from edgecdn.node.bootstrap import USER_DATA_LIMIT, check_user_data, render_boot
 from edgecdn.node.caddy_release import CADDY_RELEASES
 from edgecdn.node.files import NodeLayout, bundle_digest, render_bundle
 from edgecdn.regions import EC2, NODE_ARCH, NODE_IMAGE, first_zone
-from edgecdn.site_push import PushArgs, PushNode, push_command
+from edgecdn.site_push import PushArgs, PushNode, handoff_output, push_command
 
 DEBIAN_AMI_OWNER = "136693071363"  # Debian's official cloud images account
 WEB_PORTS = (("tcp", 80), ("tcp", 443), ("udp", 443))
@@ -329,8 +329,7 @@ class EdgeNode(pulumi.ComponentResource):
         return push_command(
             f"{name}-seed",
             "seed",
-            args.push,
-            [node],
+            handoff_output(args.push, [node]),
             # A replaced instance is seeded again; otherwise a rerun finds the node serving and does nothing.
             [instance_id],
             pulumi.ResourceOptions(parent=self, depends_on=[firewall]),

@@ -1,184 +1,451 @@
-"""The deploy: stage the release and the certificate on every node, then switch them all.
+"""Deploy, roll back and inspect a fleet: gather every node's status, plan, then act in phases.
 
-Plan first (pure): from each node's status, decide what it needs. Then carry it out:
-  1. stage: upload + finalize the release and install the certificate where needed, all nodes
-     in parallel; a node that fails here leaves every node serving what it served before;
-  2. activate: only when every node has the release staged; a node that fails to switch makes
-     the ones that did switch go back to their previous release;
-  3. verify: each node's health check over HTTPS must name the new release.
+A deploy, in named phases (Capistrano's, with a plan first):
+  gather    every node in parallel: wait for it (a new node may still be booting), take its
+            deploy lease (a second deploy is told "busy"), read its status;
+  plan      one pure plan for the fleet (site_sync.plan), printed; --dry-run stops here;
+  stage     every node in parallel: `begin` with the manifest answers which files the node
+            lacks (it copies what it already holds itself), only those travel (rsync over
+            the node's one SSH connection), `finalize` verifies them; the certificate is
+            installed where its leaf differs;
+  activate  only when enough nodes staged (all, or --min-nodes); a node that cannot switch
+            makes the ones that did switch go back, so all nodes serve one release;
+  verify    each node's health marker over HTTPS must name the new release;
+  prune     old releases go, on all nodes at once, after the switch.
+A rollback is activate + verify to a release every node holds.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 from edgecdn.contract import NodeStatus, leaf_fingerprint
-from site_sync.build import build_release
+from site_sync.build import Release, prepare_release
+from site_sync.cache import open_cache
 from site_sync.handoff import Handoff, NodeTarget
+from site_sync.plan import FleetPlan, NodePlan, PlanError, plan_deploy, plan_rollback
 from site_sync.probe import check_health
-from site_sync.release import left_out_paths
-from site_sync.transport import Agent, AgentRefusedError, Credentials, TransportError, credentials
+from site_sync.progress import PlainProgress, Progress
+from site_sync.release import scan_site
+from site_sync.transport import (
+    Agent,
+    AgentRefusedError,
+    Credentials,
+    TransportError,
+    credentials,
+    new_lease_token,
+    with_retries,
+)
 
 KEEP_RELEASES = 3
-MAX_PARALLEL = 8
+MAX_PARALLEL = 16
+LEASE_SECONDS = 900
+T = TypeVar("T")
 
 
 class DeployError(Exception):
-    """The deploy did not complete; the message says which nodes and what they serve now."""
+    """The command did not complete; the message says which nodes and what they serve now.
 
-    def __init__(self, message: str, partial: bool = False) -> None:
+    `changed` is False when every node serves what it served before the command.
+    """
+
+    def __init__(self, message: str, changed: bool = False, busy: bool = False) -> None:
         super().__init__(message)
-        self.partial = partial
+        self.changed = changed
+        self.busy = busy
 
 
 @dataclass(frozen=True)
-class NodePlan:
-    """What one node needs for this deploy."""
+class DeployOptions:
+    """How a deploy runs; the defaults are what `pulumi up` uses."""
 
-    node: NodeTarget
-    upload: bool
-    install_certificate: bool
-    activate: bool
-    was_active: str | None
-
-
-def plan_node(node: NodeTarget, status: NodeStatus, release_id: str, certificate_fingerprint: str) -> NodePlan:
-    """Decide the steps for a node from its reported status."""
-    certificate = status["certificate"]
-    return NodePlan(
-        node=node,
-        upload=release_id not in status["releases"],
-        install_certificate=certificate is None or certificate["fingerprint"] != certificate_fingerprint,
-        activate=status["active"] != release_id,
-        was_active=status["active"],
-    )
+    wait_seconds: float = 600
+    ca_file: str | None = None
+    seed: bool = False
+    dry_run: bool = False
+    min_nodes: int | None = None
+    follow_external_symlinks: bool = False
+    cache_dir: Path | None = None
 
 
 @dataclass
-class DeployResult:
-    """What happened, per node."""
+class NodeReport:
+    """What happened on one node."""
 
-    release_id: str
-    plans: list[NodePlan] = field(default_factory=list)
+    name: str
+    before: str | None = None
+    after: str | None = None
+    files_sent: int = 0
+    bytes_sent: int = 0
+    certificate_installed: bool = False
+    error: str | None = None
 
 
-def _parallel(fn: Callable[[NodeTarget], object], nodes: tuple[NodeTarget, ...]) -> dict[str, BaseException]:
-    errors: dict[str, BaseException] = {}
+@dataclass
+class Report:
+    """What a command did, per node: printed as a summary or as JSON."""
+
+    command: str
+    release: str | None
+    outcome: str = "ok"  # ok, unchanged, dry-run, failed, partial
+    plan: list[str] = field(default_factory=list)
+    nodes: dict[str, NodeReport] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
+        return {
+            "command": self.command,
+            "release": self.release,
+            "outcome": self.outcome,
+            "plan": self.plan,
+            "nodes": {name: vars(node) for name, node in sorted(self.nodes.items())},
+        }
+
+
+def _parallel(
+    fn: Callable[[NodeTarget], T], nodes: tuple[NodeTarget, ...]
+) -> tuple[dict[str, T], dict[str, Exception]]:
+    results: dict[str, T] = {}
+    errors: dict[str, Exception] = {}
+    if not nodes:
+        return results, errors
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(nodes))) as pool:
         futures = {node.name: pool.submit(fn, node) for node in nodes}
         for name, future in futures.items():
-            exc = future.exception()
-            if exc is not None:
+            try:
+                results[name] = future.result()
+            except (TransportError, AgentRefusedError, OSError) as exc:
                 errors[name] = exc
-    return errors
+    return results, errors
 
 
-def _describe(errors: dict[str, BaseException]) -> str:
+def _describe(errors: dict[str, Exception]) -> str:
     return "\n".join(f"  - {name}: {exc}" for name, exc in sorted(errors.items()))
 
 
-def deploy(
-    handoff: Handoff,
-    site_dir: Path,
-    *,
-    wait_seconds: float = 600,
-    ca_file: str | None = None,
-    log: Callable[[str], None] = print,
-    seed: bool = False,
-) -> DeployResult:
-    """Push the site and certificate to every node and switch them together.
+@dataclass
+class Fleet:
+    """The nodes of one command, each with its agent over a shared connection."""
 
-    With `seed`, only nodes that serve nothing yet are deployed to (a new or replaced node,
-    before it takes its address); a node that already serves a release is left as it is.
-    """
-    chain = normalize_pem(handoff.certificate_chain)
-    fingerprint = leaf_fingerprint(chain)
-    certificate = normalize_pem(handoff.certificate_key) + chain
-    with (
-        tempfile.TemporaryDirectory(prefix="edgecdn-release-") as build_dir,
-        credentials(handoff.deploy_key, handoff.nodes) as creds,
-    ):
-        release = build_release(site_dir, Path(build_dir))
-        if release.release_id != handoff.release_id:
+    handoff: Handoff
+    creds: Credentials
+    lease: str | None
+    progress: Progress
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    def agent(self, node: NodeTarget) -> Agent:
+        """The node's agent (one connection per node for the whole command)."""
+        if node.name not in self.agents:
+            self.agents[node.name] = Agent(node, self.creds, self.lease)
+        return self.agents[node.name]
+
+    def retried(self, node: NodeTarget, what: str, action: Callable[[], T]) -> T:
+        """Run an action on a node, retrying transport failures with backoff."""
+        return with_retries(action, f"{node.name}: {what}", self.progress.log)
+
+    def gather(self, wait_seconds: float) -> dict[str, NodeStatus]:
+        """Every node's status (after taking its lease); DeployError naming each node that failed."""
+
+        def one(node: NodeTarget) -> NodeStatus:
+            self.progress.node(node.name, "connecting")
+            agent = self.agent(node)
+            status = agent.wait_until_ready(wait_seconds, self.progress.log)
+            if self.lease:
+                self.retried(node, "lease", lambda: agent.call("lease", str(LEASE_SECONDS)))
+            self.progress.node(node.name, f"ready, serves {status['active'] or 'nothing'}")
+            return status
+
+        statuses, errors = _parallel(one, self.handoff.nodes)
+        if errors:
+            busy = any(isinstance(e, AgentRefusedError) and e.code == "busy" for e in errors.values())
             raise DeployError(
-                f"the site in {site_dir} is release {release.release_id}, but the deploy was planned for "
+                "could not start: nothing was changed on any node:\n" + _describe(errors), changed=False, busy=busy
+            )
+        return statuses
+
+    def release_leases(self) -> None:
+        """End the leases and close the connections (best effort: a lease also expires by itself)."""
+
+        def one(node: NodeTarget) -> None:
+            agent = self.agents[node.name]
+            if self.lease:
+                with suppress(TransportError, AgentRefusedError):
+                    agent.call("unlease", timeout=30)
+            agent.close()
+
+        _parallel(one, tuple(n for n in self.handoff.nodes if n.name in self.agents))
+
+
+@contextmanager
+def fleet(handoff: Handoff, progress: Progress, lease: bool = True) -> Iterator[Fleet]:
+    """Credentials, connections and leases for the length of one command."""
+    with credentials(handoff.deploy_key, handoff.nodes) as creds:
+        nodes = Fleet(handoff, creds, new_lease_token() if lease else None, progress)
+        try:
+            yield nodes
+        finally:
+            nodes.release_leases()
+
+
+def _prepare(handoff: Handoff, site_dir: Path, options: DeployOptions, progress: Progress) -> Release:
+    with open_cache(options.cache_dir) as cache:
+        site = scan_site(site_dir, cache, options.follow_external_symlinks)
+        for warning in site.warnings:
+            progress.log(f"warning: {warning}")
+        if site.left_out:
+            shown = ", ".join(site.left_out[:5]) + (
+                f" and {len(site.left_out) - 5} more" if len(site.left_out) > 5 else ""
+            )
+            progress.log(f"left out of the release (dotfiles are never published): {shown}")
+        if site.release_id != handoff.release_id:
+            raise DeployError(
+                f"the site in {site_dir} is release {site.release_id}, but the deploy was planned for "
                 f"{handoff.release_id}; the site changed since - run `pulumi up` again"
             )
-        result = DeployResult(release.release_id)
-        log(f"release {release.release_id}: {len(release.entries)} files, {len(handoff.nodes)} nodes")
-        left_out = left_out_paths(site_dir)
-        if left_out:
-            shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
-            log(f"  left out of the release (dotfiles are never published): {shown}")
-        plans: dict[str, NodePlan] = {}
+        release = prepare_release(site, cache)
+    progress.log(f"release {release.release_id}: {len(release.entries)} files, {release.total_bytes} bytes")
+    return release
 
-        def stage(node: NodeTarget) -> None:
-            agent = Agent(node, creds)
-            status = agent.wait_until_ready(wait_seconds, log)
-            if seed and status["active"]:
-                log(f"  {node.name}: already serves {status['active']}; a seed leaves it alone")
-                return
-            plan = plan_node(node, status, release.release_id, fingerprint)
-            plans[node.name] = plan
-            if plan.upload:
-                agent.call("begin", release.release_id, str(sum(e.size for e in release.entries)))
-                agent.upload(release.root, release.release_id)
-                agent.call("finalize", release.release_id, stdin=release.manifest_json().encode())
-            if plan.install_certificate:
-                agent.call("install-cert", stdin=certificate.encode())
-            log(
-                f"  {node.name}: staged ({'uploaded' if plan.upload else 'already there'}"
-                f"{', certificate installed' if plan.install_certificate else ''})"
+
+def deploy(
+    handoff: Handoff, site_dir: Path, options: DeployOptions = DeployOptions(), progress: Progress | None = None
+) -> Report:
+    """Push the site and certificate to every node and switch them together (see the module header)."""
+    progress = progress or PlainProgress(sys.stdout)
+    release = _prepare(handoff, site_dir, options, progress)
+    chain = normalize_pem(handoff.certificate_chain)
+    certificate = (normalize_pem(handoff.certificate_key) + chain).encode()
+    report = Report("seed" if options.seed else "deploy", release.release_id)
+    with fleet(handoff, progress) as nodes, tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir:
+        statuses = nodes.gather(options.wait_seconds)
+        for name, status in statuses.items():
+            report.nodes[name] = NodeReport(name, before=status["active"], after=status["active"])
+        try:
+            plan = plan_deploy(
+                handoff.nodes,
+                statuses,
+                release.release_id,
+                leaf_fingerprint(chain),
+                min_nodes=options.min_nodes,
+                seed=options.seed,
             )
+        except PlanError as exc:
+            raise DeployError(str(exc)) from None
+        report.plan = plan.describe()
+        for line in report.plan:
+            progress.log(line)
+        if options.dry_run:
+            report.outcome = "dry-run"
+            return report
+        if not plan.changes_anything:
+            report.outcome = "unchanged"
+            progress.log(f"every node already serves {release.release_id} with this certificate; nothing to do")
+            return report
+        _stage(nodes, plan, release, certificate, Path(upload_dir), report)
+        _activate(nodes, plan, release.release_id, report)
+        touched = tuple(p.node for p in plan.nodes if report.nodes[p.node.name].error is None)
+        _verify(nodes, touched, release.release_id, options.ca_file, report)
+        _prune(nodes, touched)
+    if any(n.error for n in report.nodes.values()):
+        report.outcome = "partial"
+    return report
 
-        errors = _parallel(stage, handoff.nodes)
-        if errors:
-            raise DeployError(
-                "staging failed, so no node was switched; every node still serves what it served before:\n"
-                + _describe(errors)
+
+def _stage(
+    nodes: Fleet, plan: FleetPlan, release: Release, certificate: bytes, upload_dir: Path, report: Report
+) -> None:
+    manifest = release.manifest()
+    sizes = {e["path"]: e["size"] for e in release.entries}
+
+    def stage(node: NodeTarget) -> None:
+        node_plan = next(p for p in plan.nodes if p.node is node)
+        agent = nodes.agent(node)
+        if node_plan.upload:
+            nodes.progress.node(node.name, "comparing")
+            answer = nodes.retried(node, "begin", lambda: agent.call("begin", release.release_id, stdin=manifest))
+            needed = [str(p) for p in answer.get("needed", [])]
+            if needed:
+                nodes.progress.node(node.name, f"uploading {len(needed)} files")
+                source = upload_dir / node.name
+                release.link_tree(needed, source)
+                nodes.retried(node, "upload", lambda: agent.upload(source, release.release_id, needed))
+            report.nodes[node.name].files_sent = len(needed)
+            report.nodes[node.name].bytes_sent = sum(sizes[p] for p in needed)
+            nodes.progress.node(node.name, "verifying")
+            nodes.retried(node, "finalize", lambda: agent.call("finalize", release.release_id, timeout=600))
+        if node_plan.install_certificate:
+            nodes.retried(node, "install-cert", lambda: agent.call("install-cert", stdin=certificate))
+            report.nodes[node.name].certificate_installed = True
+        nodes.progress.node(node.name, "staged")
+
+    _, errors = _parallel(stage, tuple(p.node for p in plan.nodes))
+    for name, exc in errors.items():
+        report.nodes[name].error = f"staging failed: {exc}"
+        nodes.progress.node(name, "staging failed")
+    staged = len(plan.nodes) - len(errors)
+    if staged < plan.required:
+        report.outcome = "failed"
+        raise DeployError(
+            f"staging failed on {len(errors)} of {len(plan.nodes)} nodes, so no node was switched; every node "
+            f"still serves what it served before (running the deploy again resumes it):\n{_describe(errors)}"
+        )
+    if errors:
+        nodes.progress.log(f"{staged} of {len(plan.nodes)} nodes staged (at least {plan.required} required); going on")
+
+
+def _activate(nodes: Fleet, plan: FleetPlan, release_id: str, report: Report) -> None:
+    switching = tuple(p.node for p in plan.nodes if p.activate and report.nodes[p.node.name].error is None)
+
+    def activate(node: NodeTarget) -> None:
+        nodes.progress.node(node.name, "activating")
+        nodes.retried(node, "activate", lambda: nodes.agent(node).call("activate", release_id))
+        report.nodes[node.name].after = release_id
+        nodes.progress.node(node.name, f"serves {release_id}")
+
+    _, errors = _parallel(activate, switching)
+    if not errors:
+        return
+    for name, exc in errors.items():
+        report.nodes[name].error = f"activation failed: {exc}"
+    switched = [p for p in plan.nodes if p.node.name not in errors and report.nodes[p.node.name].after == release_id]
+    left = _restore(nodes, [p for p in switched if p.activate], report)
+    report.outcome = "partial" if left else "failed"
+    outcome = (
+        f"these nodes serve {release_id} and could not go back: {', '.join(left)}"
+        if left
+        else "every node that had switched went back to its previous release"
+    )
+    raise DeployError(f"activation failed:\n{_describe(errors)}\n{outcome}", changed=bool(left))
+
+
+def _restore(nodes: Fleet, plans: list[NodePlan], report: Report) -> list[str]:
+    """Switch nodes that did activate back to what they served; the names that could not go back."""
+    left = []
+    for plan in plans:
+        name = plan.node.name
+        if not plan.was_active:
+            left.append(f"{name} (it served nothing before)")
+            continue
+        was = plan.was_active
+        try:
+            nodes.retried(plan.node, "switch back", partial(nodes.agent(plan.node).call, "activate", was))
+            report.nodes[name].after = was
+            nodes.progress.node(name, f"back on {was}")
+        except (TransportError, AgentRefusedError) as exc:
+            nodes.progress.log(f"{name}: could not switch back to {was}: {exc}")
+            left.append(name)
+    return left
+
+
+def _verify(
+    nodes: Fleet, touched: tuple[NodeTarget, ...], release_id: str, ca_file: str | None, report: Report
+) -> None:
+    domain = nodes.handoff.domain
+
+    def verify(node: NodeTarget) -> str | None:
+        return check_health(node.address, domain, release_id, node.https_port, ca_file)
+
+    problems, _ = _parallel(verify, touched)
+    failing = {name: problem for name, problem in problems.items() if problem}
+    for name, problem in failing.items():
+        report.nodes[name].error = f"health check failed: {problem}"
+    for node in touched:
+        if node.name not in failing:
+            nodes.progress.node(node.name, f"healthy, serves {release_id}")
+    if failing:
+        report.outcome = "partial"
+        raise DeployError(
+            "the release is active but these nodes fail their health check:\n"
+            + "\n".join(f"  - {n}: {p}" for n, p in sorted(failing.items())),
+            changed=True,
+        )
+    nodes.progress.log(f"all {len(touched)} nodes healthy over HTTPS as {domain}, serving {release_id}")
+
+
+def _prune(nodes: Fleet, touched: tuple[NodeTarget, ...]) -> None:
+    def prune(node: NodeTarget) -> None:
+        nodes.agent(node).call("prune", str(KEEP_RELEASES))
+
+    _, errors = _parallel(prune, touched)
+    for name, exc in errors.items():
+        nodes.progress.log(f"{name}: pruning old releases failed ({exc}); the next deploy tries again")
+
+
+def rollback(
+    handoff: Handoff, to: str | None, options: DeployOptions = DeployOptions(), progress: Progress | None = None
+) -> Report:
+    """Every node back to the previous (or the named) release: no upload, checked on every node first."""
+    progress = progress or PlainProgress(sys.stdout)
+    with fleet(handoff, progress) as nodes:
+        statuses = nodes.gather(options.wait_seconds)
+        try:
+            plan = plan_rollback(handoff.nodes, statuses, to)
+        except PlanError as exc:
+            raise DeployError(str(exc)) from None
+        report = Report("rollback", plan.target, plan=plan.describe())
+        for name, status in statuses.items():
+            report.nodes[name] = NodeReport(name, before=status["active"], after=status["active"])
+        for line in report.plan:
+            progress.log(line)
+        if options.dry_run:
+            report.outcome = "dry-run"
+            return report
+        fleet_plan = FleetPlan(plan.target, plan.nodes, (), len(plan.nodes))
+        _activate(nodes, fleet_plan, plan.target, report)
+        _verify(nodes, handoff.nodes, plan.target, options.ca_file, report)
+    return report
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """What every node serves and holds, and whether they agree."""
+
+    statuses: dict[str, NodeStatus]
+    unreachable: dict[str, str]
+
+    @property
+    def agree(self) -> bool:
+        """One release, intact, on every node, and every node answered."""
+        actives = {s["active"] for s in self.statuses.values()}
+        intact = all(s["intact"] for s in self.statuses.values())
+        return not self.unreachable and len(actives) == 1 and None not in actives and intact
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per node, for a table or JSON."""
+        rows: list[dict[str, Any]] = []
+        for name, s in sorted(self.statuses.items()):
+            cert = s["certificate"]
+            rows.append(
+                {
+                    "node": name,
+                    "active": s["active"],
+                    "intact": s["intact"],
+                    "previous": s["previous"],
+                    "releases": s["releases"],
+                    "certificate_expires": cert["not_after"] if cert else None,
+                }
             )
+        rows += [{"node": name, "error": error} for name, error in sorted(self.unreachable.items())]
+        return rows
 
-        def activate(node: NodeTarget) -> None:
-            if node.name in plans and plans[node.name].activate:
-                Agent(node, creds).call("activate", release.release_id)
 
-        errors = _parallel(activate, handoff.nodes)
-        if errors:
-            left = _restore(plans, errors, creds, log)
-            outcome = (
-                f"these nodes now serve {release.release_id} and could not go back: {', '.join(left)}"
-                if left
-                else "every node that had switched went back to its previous release"
-            )
-            raise DeployError(f"activation failed:\n{_describe(errors)}\n{outcome}", partial=bool(left))
-        touched = tuple(node for node in handoff.nodes if node.name in plans)
-        log(f"  {len(touched)} of {len(handoff.nodes)} nodes serve {release.release_id}")
-
-        for node in touched:
-            try:
-                Agent(node, creds).call("prune", str(KEEP_RELEASES))
-            except (TransportError, AgentRefusedError) as exc:
-                log(f"  {node.name}: pruning old releases failed ({exc}); the next deploy tries again")
-
-        problems = {
-            node.name: problem
-            for node in touched
-            if (problem := check_health(node.address, handoff.domain, release.release_id, node.https_port, ca_file))
-        }
-        if problems:
-            raise DeployError(
-                "the release is active but these nodes fail their health check:\n"
-                + "\n".join(f"  - {n}: {p}" for n, p in sorted(problems.items())),
-                partial=True,
-            )
-        log(f"  all nodes healthy over HTTPS as {handoff.domain}")
-        result.plans = list(plans.values())
-        return result
+def fleet_status(handoff: Handoff, wait_seconds: float = 30, progress: Progress | None = None) -> FleetStatus:
+    """Every node's status (no lease: reading never blocks a deploy)."""
+    progress = progress or PlainProgress(sys.stderr)
+    with fleet(handoff, progress, lease=False) as nodes:
+        statuses, errors = _parallel(
+            lambda node: nodes.agent(node).wait_until_ready(wait_seconds, progress.log), handoff.nodes
+        )
+    return FleetStatus(statuses, {name: str(exc) for name, exc in errors.items()})
 
 
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----")
@@ -187,22 +454,3 @@ PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----E
 def normalize_pem(text: str) -> str:
     """PEM blocks one after another, each ending in one newline, as a node stores them."""
     return "".join(m.group(0) + "\n" for m in PEM_BLOCK.finditer(text))
-
-
-def _restore(
-    plans: dict[str, NodePlan], failed: dict[str, BaseException], creds: Credentials, log: Callable[[str], None]
-) -> list[str]:
-    """Switch nodes that did activate back to what they served; the names that could not go back."""
-    left = []
-    for name, plan in sorted(plans.items()):
-        if name in failed or not plan.activate:
-            continue
-        if not plan.was_active:
-            left.append(f"{name} (it served nothing before)")
-            continue
-        try:
-            Agent(plan.node, creds).call("activate", plan.was_active)
-        except (TransportError, AgentRefusedError) as exc:
-            log(f"  {name}: could not switch back to {plan.was_active}: {exc}")
-            left.append(name)
-    return left

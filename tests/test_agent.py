@@ -75,9 +75,9 @@ def test_the_status_answer_has_the_contracts_shape(node):
     [
         "status extra",
         "begin",
-        f"begin {RELEASE}",
-        f"begin {RELEASE} -1",
-        f"begin {RELEASE} 99999999999999999999",
+        f"begin {RELEASE} 100",
+        f"lease=notatoken begin {RELEASE}",
+        "lease 99999",
         "activate ../../etc",
         "activate " + "A" * 20,
         "prune 0",
@@ -112,7 +112,7 @@ def test_every_argument_is_checked_against_the_verb_table(node, command):
     ids=["text", "binary", "list", "dict-files", "surrogate", "infinity", "huge-int", "dotdot", "reserved", "deep"],
 )
 def test_a_hostile_manifest_gets_a_json_refusal_never_a_traceback(node, manifest):
-    code, answer = remote(node, f"finalize {RELEASE}", stdin=manifest)
+    code, answer = remote(node, f"begin {RELEASE}", stdin=manifest)
     assert code == ExitCode.REFUSED, answer
     assert answer["ok"] is False and "Traceback" not in answer["message"]
 
@@ -153,7 +153,7 @@ def test_input_is_read_before_the_lock_is_taken(node, monkeypatch):
         return real_lock(paths)
 
     monkeypatch.setattr(protocol, "state_lock", lock)
-    remote(node, f"finalize {RELEASE}")
+    remote(node, f"begin {RELEASE}")
     assert order == ["read", "lock"]
 
 
@@ -185,5 +185,26 @@ def test_help_and_refusals_come_from_the_verb_table():
     for name, verb in protocol.VERBS.items():
         assert (verb.usage(name) in remote_usage) is not verb.local_only, name
         assert verb.usage(name) in local_usage
-    assert protocol.VERBS["finalize"].usage("finalize") == "finalize ID < input"
+    assert protocol.VERBS["begin"].usage("begin") == "begin ID < input"
     assert protocol.VERBS["prune"].usage("prune") == "prune [N]"
+
+
+def test_a_deploy_lease_turns_a_second_deployer_away_until_it_ends(node, monkeypatch):
+    first, second = "a" * 32, "b" * 32
+    assert remote(node, f"lease={first} lease 60")[0] == ExitCode.OK
+    code, answer = remote(node, "rollback")
+    assert code == ExitCode.BUSY and "another deploy (from 198.51.100.7" in answer["message"]
+    assert remote(node, f"lease={second} lease 60")[0] == ExitCode.BUSY, "a lease cannot be taken over"
+    assert remote(node, "status")[0] == ExitCode.OK, "reading never waits for a lease"
+    assert remote(node, f"lease={first} rollback")[1]["error"] == "missing", "the holder goes on"
+    real_time = time.time
+    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 61)
+    assert remote(node, f"lease={second} lease 60")[0] == ExitCode.OK, "a lease always expires"
+    monkeypatch.undo()
+    assert remote(node, f"lease={second} unlease")[0] == ExitCode.OK
+    assert remote(node, "rollback")[1]["error"] == "missing", "no lease, no waiting"
+
+
+def test_a_lease_needs_a_token_and_a_bounded_length(node):
+    assert "needs a token" in remote(node, "lease 60")[1]["message"]
+    assert "at most 900" in remote(node, f"lease={'c' * 32} lease 901")[1]["message"]

@@ -25,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from lab_support import (
     Lab,
+    LinesProgress,
+    build_tree,
     h3_certificate_serial,
     h3_get,
     issue_certificate,
@@ -34,8 +36,7 @@ from lab_support import (
 )
 
 import lab as lab_module
-from site_sync.build import build_release
-from site_sync.deploy import DeployError, deploy
+from site_sync.deploy import DeployError, DeployOptions, deploy
 from site_sync.release import release_id_of
 
 pytestmark = pytest.mark.skipif(
@@ -477,8 +478,8 @@ def test_uncompressed_fonts_and_text_are_served_compressed(lab: Lab, path):
 
 
 def test_small_or_incompressible_files_get_no_siblings(sites, tmp_path: Path):
-    release = build_release(sites["first"], tmp_path / "build")
-    derived = {e.path for e in release.entries if e.derived}
+    release = build_tree(sites["first"], tmp_path / "build")
+    derived = {e["path"] for e in release.entries if e.get("derived")}
     assert "big.css.br" in derived and "big.css.gz" in derived
     assert not any(p.startswith("robots.txt") for p in derived), "too small to be worth it"
     assert not any(p.startswith("img/") for p in derived), "images are compressed already"
@@ -596,7 +597,7 @@ def test_a_session_without_a_command_is_refused_not_run_locally(lab: Lab):
     ids=["surrogate", "infinite", "huge-int", "not-objects", "not-a-list", "deep", "not-utf8"],
 )
 def test_malformed_manifests_get_a_refusal_never_a_traceback(lab: Lab, manifest):
-    result = lab.ssh("finalize", "0123456789abcdef0123", stdin=manifest)
+    result = lab.ssh("begin", "0123456789abcdef0123", stdin=manifest)
     assert b"Traceback" not in result.stderr + result.stdout
     answer = json.loads(result.stdout.decode().strip().splitlines()[-1])
     assert answer["ok"] is False and result.returncode in (2, 3), answer
@@ -617,28 +618,29 @@ def test_a_second_deployer_is_told_the_node_is_busy(lab: Lab):
     assert lab.agent("activate", current)["ok"] is True
 
 
-def _stage(lab: Lab, site: Path, build: Path, mutate=None) -> tuple[str, str]:
-    release = build_release(site, build)
+def _stage(lab: Lab, site: Path, build: Path, mutate=None) -> str:
+    """begin (the manifest), then a raw rsync of the whole tree (after `mutate`), as an attacker could."""
+    release = build_tree(site, build)
     if mutate:
         mutate(build)
-    assert lab.agent("begin", release.release_id, str(sum(e.size for e in release.entries)))["ok"] is True
+    assert lab.agent("begin", release.release_id, stdin=release.manifest())["ok"] is True
     result = lab.rsync("-rlt", f"{build}/", f"NODE:{release.release_id}/")
     assert result.returncode == 0, result.stderr
-    return release.release_id, release.manifest_json()
+    return release.release_id
 
 
 def test_incomplete_upload_never_becomes_active(lab: Lab, tmp_path: Path, sites):
-    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>incomplete</h1>"})
-    release_id, manifest = _stage(lab, site, tmp_path / "build", lambda b: (b / "about.html").unlink())
-    assert "files are missing" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>incomplete</h1>", "only-here.html": b"new"})
+    release_id = _stage(lab, site, tmp_path / "build", lambda b: (b / "only-here.html").unlink())
+    assert "files are missing" in _refused(lab.ssh("finalize", release_id))
     assert "not finalized" in _refused(lab.ssh("activate", release_id))
     assert lab.get("/").headers["x-edge-release"] == release_id_of(sites["first"])
 
 
 def test_altered_upload_is_refused(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>altered</h1>"})
-    release_id, manifest = _stage(lab, site, tmp_path / "build", lambda b: (b / "robots.txt").write_text("changed"))
-    assert "does not match the manifest" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+    release_id = _stage(lab, site, tmp_path / "build", lambda b: (b / "robots.txt").write_text("changed"))
+    assert "does not match the manifest" in _refused(lab.ssh("finalize", release_id))
 
 
 def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
@@ -648,8 +650,8 @@ def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
         (build / "robots.txt").unlink()
         os.symlink("/etc/passwd", build / "robots.txt")
 
-    release_id, manifest = _stage(lab, site, tmp_path / "build", swap_for_link)
-    assert "is not a plain file" in _refused(lab.ssh("finalize", release_id, stdin=manifest.encode()))
+    release_id = _stage(lab, site, tmp_path / "build", swap_for_link)
+    assert "is not a plain file" in _refused(lab.ssh("finalize", release_id))
 
 
 def test_site_config_the_web_server_would_reject_is_refused_before_activation(lab: Lab):
@@ -665,36 +667,40 @@ def test_site_config_the_web_server_would_reject_is_refused_before_activation(la
 
 
 def test_an_upload_over_the_quota_or_the_free_disk_floor_is_refused_before_it_starts(lab: Lab, monkeypatch):
-    from edgecdn.contract import MAX_RELEASE_BYTES
+    from edgecdn.contract import MAX_RELEASE_BYTES, release_id_of
     from edgecdn.node.agent import common, store
 
-    too_big = _refused(lab.ssh("begin", "0123456789abcdef0123", str(MAX_RELEASE_BYTES + 1)))
-    assert "a node takes at most" in too_big
+    def manifest(size: int) -> tuple[str, bytes]:
+        files = [{"path": "index.html", "size": size, "sha256": "0" * 64}]
+        return release_id_of(files), json.dumps({"files": files}).encode()
+
+    release, too_big = manifest(MAX_RELEASE_BYTES + 1)
+    assert "a node takes at most" in _refused(lab.ssh("begin", release, stdin=too_big))
     # A nearly full disk, as the agent would see it on a node.
     paths = common.Paths(json.loads((lab.node_dir(0) / "layout.json").read_text()))
     nearly_full = shutil._ntuple_diskusage(20 << 30, (19 << 30) + (512 << 20), 512 << 20)  # type: ignore[attr-defined]
     monkeypatch.setattr(store.shutil, "disk_usage", lambda _: nearly_full)
+    release, small = manifest(1000)
     with pytest.raises(common.AgentError, match="would leave less than"):
-        store.begin(paths, "0123456789abcdef0123", "1000")
+        store.begin(paths, release, small)
 
 
 def test_an_upload_that_never_began_is_not_finalized_and_is_pruned(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>never began</h1>"})
-    release = build_release(site, tmp_path / "build")
+    release = build_tree(site, tmp_path / "build")
     rogue = release.release_id
     assert lab.rsync("-rlt", f"{release.root}/", f"NODE:{rogue}/").returncode == 0
     stale = lab.node_dir(0) / "srv" / "staging" / rogue
     os.utime(stale, (2**31, 2**31))  # a far-future time, as a client could set: it must not matter
-    assert "has not been uploaded" in _refused(lab.ssh("finalize", rogue, stdin=release.manifest_json().encode()))
+    assert "has not been uploaded" in _refused(lab.ssh("finalize", rogue))
     assert f"staging/{rogue}" in lab.agent("prune", "3")["removed"]
 
 
 def test_a_site_cannot_carry_its_own_health_marker(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>marker</h1>"})
-    release = build_release(site, tmp_path / "build")
-    forged = json.loads(release.manifest_json())
-    forged["files"].append({"path": ".well-known/edgecdn/health", "size": 0, "sha256": "0" * 64})
-    message = _refused(lab.ssh("finalize", release.release_id, stdin=json.dumps(forged).encode()))
+    release = build_tree(site, tmp_path / "build")
+    forged = [*release.entries, {"path": ".well-known/edgecdn/health", "size": 0, "sha256": "0" * 64}]
+    message = _refused(lab.ssh("begin", release.release_id, stdin=release.manifest(forged)))
     assert "which the node writes itself" in message
 
 
@@ -704,24 +710,24 @@ def test_a_forged_compressed_sibling_is_refused(lab: Lab, tmp_path: Path):
     def forge(build: Path) -> None:
         (build / "index.html.gz").write_bytes(gzip.compress(b"<script>evil()</script>", mtime=0))
 
-    release = build_release(site, tmp_path / "build")
+    release = build_tree(site, tmp_path / "build")
     forge(release.root)
-    forged = json.loads(release.manifest_json())
-    for entry in forged["files"]:
+    forged = [dict(e) for e in release.entries]
+    for entry in forged:
         if entry["path"] == "index.html.gz":
             data = (release.root / "index.html.gz").read_bytes()
             entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    assert lab.agent("begin", release.release_id, "100000")["ok"] is True
+    assert lab.agent("begin", release.release_id, stdin=release.manifest(forged))["ok"] is True
     assert lab.rsync("-rlt", f"{release.root}/", f"NODE:{release.release_id}/").returncode == 0
-    message = _refused(lab.ssh("finalize", release.release_id, stdin=json.dumps(forged).encode()))
+    message = _refused(lab.ssh("finalize", release.release_id))
     assert "is not a compression of 'index.html'" in message
     assert release.release_id not in lab.agent("status")["releases"]
 
 
 def test_a_release_altered_after_finalize_is_reported_and_never_activated(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>to be altered</h1>"})
-    release_id, manifest = _stage(lab, site, tmp_path / "build")
-    assert lab.agent("finalize", release_id, stdin=manifest.encode())["ok"] is True
+    release_id = _stage(lab, site, tmp_path / "build")
+    assert lab.agent("finalize", release_id)["ok"] is True
     target = lab.node_dir(0) / "srv" / "releases" / release_id
     os.chmod(target, 0o700)  # as someone with a shell on the node could
     os.chmod(target / "robots.txt", 0o644)
@@ -732,11 +738,10 @@ def test_a_release_altered_after_finalize_is_reported_and_never_activated(lab: L
 
 def test_manifest_must_hash_to_the_release_id(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged</h1>"})
-    release_id, manifest = _stage(lab, site, tmp_path / "build")
-    forged = json.loads(manifest)
-    forged["files"] = [f for f in forged["files"] if f["path"] != "robots.txt"]
+    release = build_tree(site, tmp_path / "build")
+    forged = [f for f in release.entries if f["path"] != "robots.txt"]
     assert "does not hash to the release id" in _refused(
-        lab.ssh("finalize", release_id, stdin=json.dumps(forged).encode())
+        lab.ssh("begin", release.release_id, stdin=release.manifest(forged))
     )
 
 
@@ -816,15 +821,36 @@ def test_new_certificate_is_served_at_once(lab: Lab):
 # ---------------------------------------------------------------- deploys, skew protection, rollback
 
 
-def test_failed_staging_switches_no_node(lab: Lab, sites):
+def test_a_node_with_the_wrong_host_key_stops_the_deploy_before_anything_changes(lab: Lab, sites):
     handoff = lab_module.handoff_for(lab.description, sites["second"])
     wrong = lab.target(1, host_key=lab.nodes[0]["host_key"])
     broken = handoff.__class__(**{**handoff.__dict__, "nodes": (handoff.nodes[0], wrong)})
-    with pytest.raises(DeployError, match="no node was switched") as info:
-        deploy(broken, sites["second"], wait_seconds=3, ca_file=lab.ca, log=lambda _: None)
-    assert "lab-2" in str(info.value)
+    with pytest.raises(DeployError, match="nothing was changed on any node") as info:
+        deploy(broken, sites["second"], DeployOptions(wait_seconds=3, ca_file=lab.ca), LinesProgress())
+    assert "lab-2" in str(info.value) and "Host key verification failed" in str(info.value)
     for node in range(2):
         assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["first"])
+
+
+def test_failed_staging_switches_no_node_and_a_rerun_completes(lab: Lab, sites, tmp_path: Path):
+    site = write_test_site(tmp_path / "staging-fails", {"index.html": b"<h1>staging fails on lab-2</h1>"})
+    staging = lab.node_dir(1) / "srv" / "staging"
+    aside = staging.with_name("staging-aside")
+    staging.rename(aside)
+    staging.write_text("a file where a directory belongs: lab-2 cannot stage anything (even as root)")
+    try:
+        with pytest.raises(DeployError, match="no node was switched") as info:
+            deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), LinesProgress())
+    finally:
+        staging.unlink()
+        aside.rename(staging)
+    assert "lab-2" in str(info.value) and not info.value.changed
+    for node in range(2):
+        assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["first"])
+    report = deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), LinesProgress())
+    assert report.outcome == "ok" and {n.after for n in report.nodes.values()} == {release_id_of(site)}
+    first = lab_module.handoff_for(lab.description, sites["first"])
+    deploy(first, sites["first"], DeployOptions(ca_file=lab.ca), LinesProgress())  # as the tests after expect
 
 
 def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab, sites):
@@ -847,10 +873,11 @@ def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab,
 
 
 def test_deploying_the_same_release_again_changes_nothing(lab: Lab, sites):
-    lines: list[str] = []
-    deploy(lab_module.handoff_for(lab.description, sites["second"]), sites["second"], ca_file=lab.ca, log=lines.append)
-    staged = [line for line in lines if "staged" in line]
-    assert len(staged) == 2 and all(line.endswith("staged (already there)") for line in staged), lines
+    progress = LinesProgress()
+    handoff = lab_module.handoff_for(lab.description, sites["second"])
+    report = deploy(handoff, sites["second"], DeployOptions(ca_file=lab.ca), progress)
+    assert report.outcome == "unchanged", progress.lines
+    assert all(n.before == n.after == handoff.release_id and n.files_sent == 0 for n in report.nodes.values())
 
 
 def test_rollback_serves_the_previous_release(lab: Lab, sites):
@@ -874,11 +901,11 @@ def test_failed_activation_switches_the_other_nodes_back(lab: Lab, sites, tmp_pa
     socket_path.rename(hidden)  # lab-2's web server can no longer be told to switch
     try:
         with pytest.raises(DeployError, match="every node that had switched went back") as info:
-            deploy(lab_module.handoff_for(lab.description, third), third, wait_seconds=3, ca_file=lab.ca,
-                   log=lambda _: None)  # fmt: skip
+            options = DeployOptions(wait_seconds=3, ca_file=lab.ca)
+            deploy(lab_module.handoff_for(lab.description, third), third, options, LinesProgress())
     finally:
         hidden.rename(socket_path)
-    assert "lab-2" in str(info.value) and not info.value.partial
+    assert "lab-2" in str(info.value) and not info.value.changed
     for node in range(2):
         assert lab.get("/", node).headers["x-edge-release"] == release_id_of(sites["second"])
         # What the node records moved only with what it serves.

@@ -13,13 +13,15 @@ from pulumi_harness import (
     fake_ssh_public_key,
     run_main,
     run_pulumi,
+    secret_paths,
+    unwrap_secrets,
 )
 
 from edgecdn.config import NodeSpec
 from edgecdn.edge_node import EdgeNode, EdgeNodeArgs
 from edgecdn.latency_dns import LatencyDNS, LatencyDNSArgs, LatencyTarget
 from edgecdn.monitoring import Monitoring, MonitoringArgs
-from edgecdn.site_push import PushArgs
+from edgecdn.site_push import DEPLOYER_PYTHON, PushArgs
 from site_sync.handoff import parse_handoff
 from site_sync.release import release_id_of
 
@@ -41,8 +43,7 @@ SECRET_MARKERS = ("FAKE-", "PRIVATE KEY")
 PUSH = PushArgs(
     domain="example.com",
     release_id="0123456789abcdef0123",
-    site_dir="/srv/site",
-    project_dir="/srv/project",
+    site_dir="site",
     deploy_private_key=FAKE_PRIVATE_OPENSSH.format(seed="deploy"),
     certificate_chain="-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n",
     certificate_key=FAKE_PRIVATE_PEM.format(seed="tls"),
@@ -212,8 +213,7 @@ def test_deploy_commands_get_secrets_only_on_stdin(run: Run):
         for marker in SECRET_MARKERS:
             assert marker not in argv_and_env, command.urn
     push = run.named("site-deploy")
-    assert push.state["create"].endswith("-m site_sync deploy --handoff -"), push.urn
-    assert push.state["logging"] == "none" and push.state["addPreviousOutputInEnv"] is False, push.urn
+    assert push.state["logging"] == "stdoutAndStderr" and push.state["addPreviousOutputInEnv"] is False, push.urn
     handoff = parse_handoff(push.state["stdin"])
     assert handoff.release_id == release_id_of(PROJECT_DIR / "example-site")
     assert handoff.deploy_key == FAKE_PRIVATE_OPENSSH.format(seed="deploy-key")
@@ -224,6 +224,20 @@ def test_deploy_commands_get_secrets_only_on_stdin(run: Run):
         ("sao-paulo", 22, "edgecdn"),
     ]
     assert handoff.nodes[0].host_key == fake_ssh_public_key("eu-central-1-host-key").strip()
+
+
+def test_the_deploy_command_is_the_same_on_every_machine(run: Run):
+    """CI after a laptop must not re-run an unchanged deploy: nothing machine- or checkout-specific."""
+    for command in pushes(run):
+        assert command.state["create"] == f"venv/bin/python -m site_sync {command.name.rsplit('-', 1)[1]} --handoff -"
+        assert "dir" not in command.state, "the project directory, wherever it is checked out"
+        assert parse_handoff(command.state["stdin"]).site_dir == "example-site", command.urn
+    virtualenv = yaml_value((PROJECT_DIR / "Pulumi.yaml").read_text(), "virtualenv")
+    assert f"{virtualenv}/bin/python" == DEPLOYER_PYTHON, "the command runs the Python of Pulumi.yaml's virtualenv"
+
+
+def yaml_value(text: str, key: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith(f"{key}:"))
 
 
 def test_deploy_reruns_when_release_certificate_or_nodes_change(run: Run):
@@ -243,9 +257,13 @@ def test_user_data_with_the_host_key_is_secret(run: Run):
 
 
 def test_stack_outputs_hold_no_secret_in_clear(run: Run):
-    text = json.dumps(run.stack_outputs)
+    secret = secret_paths(run.stack_outputs)
+    assert secret == {"handoff"}, "the handoff (it holds the deploy key) is the one secret output"
+    text = json.dumps({k: v for k, v in run.stack_outputs.items() if k not in secret})
     for marker in SECRET_MARKERS:
         assert marker not in text
+    handoff = parse_handoff(unwrap_secrets(run.stack_outputs["handoff"]))
+    assert handoff == parse_handoff(run.named("site-deploy").state["stdin"]), "status and rollback reach the same nodes"
     out = run.stack_outputs
     assert out["url"] == "https://example.com/"
     assert out["releaseId"] == release_id_of(PROJECT_DIR / "example-site")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -24,11 +25,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from edgecdn.contract import (
     KEEP_RANGE,
+    LEASE_PREFIX,
+    LEASE_TOKEN,
     MAX_CERT_BYTES,
+    MAX_LEASE_SECONDS,
     MAX_MANIFEST_BYTES,
     RELEASE_ID,
     RELEASE_ID_FORM,
@@ -36,7 +40,7 @@ from edgecdn.contract import (
     NodeStatus,
 )
 from edgecdn.node.agent import certs, store
-from edgecdn.node.agent.common import AgentError, Answer, Paths
+from edgecdn.node.agent.common import AgentError, Answer, Paths, atomic_write
 
 MAX_COMMAND = 4096
 # A verb's standard input must arrive within this time, so a silent client cannot keep a request open.
@@ -54,11 +58,13 @@ class Arg:
 
 @dataclass(frozen=True)
 class Request:
-    """A checked request: the node's paths, the verb's arguments and its standard input."""
+    """A checked request: the node's paths, the verb's arguments, its standard input and lease."""
 
     paths: Paths
     args: tuple[str, ...]
     stdin: bytes
+    lease: str | None = None
+    client: str = "local"
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,61 @@ class Verb:
 
 
 RELEASE_ARG = Arg("ID", RELEASE_ID, f"a release id ({RELEASE_ID_FORM})")
-SIZE_ARG = Arg("BYTES", re.compile(r"^(?:0|[1-9][0-9]{0,14})$"), "a size in bytes")
 KEEP_ARG = Arg(
     "N",
     re.compile(r"^[1-9][0-9]?$"),
     f"a number of releases to keep, {KEEP_RANGE.start} to {KEEP_RANGE.stop - 1}",
 )
+SECONDS_ARG = Arg("SECONDS", re.compile(r"^[1-9][0-9]{0,3}$"), f"a number of seconds, at most {MAX_LEASE_SECONDS}")
 DEFAULT_KEEP = 3
+
+
+def _lease_file(paths: Paths) -> Path:
+    return paths.state / "lease.json"
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def current_lease(paths: Paths) -> dict[str, Any] | None:
+    """The deploy lease that has not expired, if any."""
+    try:
+        lease = json.loads(_lease_file(paths).read_text())
+        return lease if isinstance(lease, dict) and float(lease["expires"]) > time.time() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_lease(paths: Paths, token: str | None) -> None:
+    """Refuse a change while another deploy holds the node (called under the state lock)."""
+    lease = current_lease(paths)
+    if lease is not None and (token is None or _token_digest(token) != lease.get("token")):
+        held = time.time() - float(lease["since"])
+        raise AgentError(
+            f"another deploy (from {lease.get('client', 'unknown')}, {held:.0f} s ago) is changing this node; "
+            f"try again when it is done (its lease ends within {float(lease['expires']) - time.time():.0f} s)",
+            "busy",
+        )
+
+
+def _take_lease(request: Request) -> Answer:
+    if request.lease is None:
+        raise AgentError(f"lease needs a token: {LEASE_PREFIX}TOKEN lease SECONDS")
+    seconds = int(request.args[0])
+    if seconds > MAX_LEASE_SECONDS:
+        raise AgentError(f"lease: {seconds} is not {SECONDS_ARG.expected}")
+    now = time.time()
+    previous = current_lease(request.paths)
+    since = previous["since"] if previous else now
+    lease = {"token": _token_digest(request.lease), "client": request.client, "since": since, "expires": now + seconds}
+    atomic_write(_lease_file(request.paths), json.dumps(lease).encode(), 0o644)
+    return {"lease": "held", "expires_in": seconds}
+
+
+def _drop_lease(request: Request) -> Answer:
+    _lease_file(request.paths).unlink(missing_ok=True)
+    return {"lease": "released"}
 
 
 def status(paths: Paths) -> NodeStatus:
@@ -116,15 +170,15 @@ def _prune(request: Request) -> Answer:
 VERBS: dict[str, Verb] = {
     "status": Verb("what the node serves and holds", lambda r: dict(status(r.paths)), changes_state=False),
     "begin": Verb(
-        "open an upload of release ID, BYTES in all",
-        lambda r: store.begin(r.paths, r.args[0], r.args[1]),
-        args=(RELEASE_ARG, SIZE_ARG),
-    ),
-    "finalize": Verb(
-        "check the uploaded release against its manifest (JSON on stdin) and keep it, read-only",
-        lambda r: store.finalize(r.paths, r.args[0], r.stdin),
+        "open an upload of release ID (its manifest, JSON or gzip'd JSON, on stdin); answers the files still needed",
+        lambda r: store.begin(r.paths, r.args[0], r.stdin),
         args=(RELEASE_ARG,),
         stdin_limit=MAX_MANIFEST_BYTES,
+    ),
+    "finalize": Verb(
+        "check the uploaded release against its manifest and keep it, read-only",
+        lambda r: store.finalize(r.paths, r.args[0]),
+        args=(RELEASE_ARG,),
     ),
     "activate": Verb("serve a finalized release", lambda r: store.activate(r.paths, r.args[0]), args=(RELEASE_ARG,)),
     "rollback": Verb("serve the previous release again", lambda r: store.rollback(r.paths)),
@@ -134,6 +188,12 @@ VERBS: dict[str, Verb] = {
         lambda r: certs.install(r.paths, r.stdin),
         stdin_limit=MAX_CERT_BYTES,
     ),
+    "lease": Verb(
+        f"hold the node for one deploy (needs {LEASE_PREFIX}TOKEN first); others get 'busy' until it ends",
+        _take_lease,
+        args=(SECONDS_ARG,),
+    ),
+    "unlease": Verb("end this deploy's lease", _drop_lease),
     "init": Verb("create the node's directories and first site config", lambda r: store.init(r.paths), local_only=True),
 }
 
@@ -144,8 +204,20 @@ def usage(local: bool = False) -> str:
     return "verbs: " + ", ".join(verbs) + ("" if local else ", and rsync uploads to staging")
 
 
+def split_lease(words: list[str]) -> tuple[str | None, list[str]]:
+    """A request's lease token (a leading `lease=TOKEN` word), checked, and the rest."""
+    if words and words[0].startswith(LEASE_PREFIX):
+        token = words[0].removeprefix(LEASE_PREFIX)
+        if not LEASE_TOKEN.match(token):
+            raise AgentError(f"a lease token is 32 lower-case hex digits, not {token[:40]!r}")
+        return token, words[1:]
+    return None, words
+
+
 def check_request(words: list[str], local: bool) -> tuple[Verb, tuple[str, ...]]:
     """The verb and its arguments, each checked against the table; refused otherwise."""
+    if not words:
+        raise AgentError(f"no request given; this key only runs the edgecdn deploy agent ({usage(local)})")
     name, args = words[0], tuple(words[1:])
     verb = VERBS.get(name)
     if verb is None or (verb.local_only and not local):
@@ -195,13 +267,17 @@ def state_lock(paths: Paths) -> Iterator[None]:
         yield
 
 
-def dispatch(words: list[str], paths: Paths, stdin: BinaryIO, local: bool) -> Answer:
-    """Check one request, read its input, and run it (under the lock if it changes state)."""
+def dispatch(words: list[str], paths: Paths, stdin: BinaryIO, local: bool, client: str = "local") -> Answer:
+    """Check one request, read its input, and run it (under the lock and lease if it changes state)."""
+    lease, words = split_lease(words)
     verb, args = check_request(words, local)
-    request = Request(paths, args, read_input(stdin, verb.stdin_limit) if verb.stdin_limit else b"")
+    data = read_input(stdin, verb.stdin_limit) if verb.stdin_limit else b""
+    request = Request(paths, args, data, lease, client)
     if not verb.changes_state:
         return verb.run(request)
     with state_lock(paths):
+        if verb.run is not _drop_lease:
+            check_lease(paths, lease)
         return verb.run(request)
 
 
@@ -253,9 +329,8 @@ def main(
         # Remote whenever sshd ran us (with the deploy key's forced command), whatever else is set.
         remote = "SSH_CONNECTION" in env
         words = _remote_words(paths, env) if remote else list(argv)
-        if not words:
-            raise AgentError(f"no request given; this key only runs the edgecdn deploy agent ({usage()})")
-        result = dispatch(words, paths, stdin, local=not remote)
+        client = (env.get("SSH_CONNECTION") or "local").split(" ")[0]
+        result = dispatch(words, paths, stdin, local=not remote, client=client)
         print(json.dumps({**result, "ok": True}), file=stdout)
         audit(words, "ok", env)
         return ExitCode.OK

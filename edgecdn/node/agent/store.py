@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import brotli  # Debian's python3-brotli: compressed siblings are checked agains
 from edgecdn.contract import (
     FREE_DISK_FLOOR_BYTES,
     HEALTH_FILE,
+    MAX_MANIFEST_BYTES,
     MAX_MANIFEST_FILES,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
@@ -37,6 +39,7 @@ from edgecdn.contract import (
     RESERVED_PREFIX,
     SHA256_HEX,
     ManifestEntry,
+    content_mtime,
     file_sha256,
     health_body,
     is_reserved,
@@ -64,9 +67,9 @@ def _valid_rel_path(rel: str) -> bool:
 
 
 def parse_manifest(data: bytes, release_id: str) -> list[ManifestEntry]:
-    """Check the manifest's shape and that it hashes to the release id."""
+    """Check the manifest's shape (JSON, gzip'd or not) and that it hashes to the release id."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(_gunzip(data, MAX_MANIFEST_BYTES) if data[:2] == b"\x1f\x8b" else data)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, a number too long, nesting too deep
         raise AgentError("manifest is not JSON within the agent's limits") from None
     files = doc.get("files") if isinstance(doc, dict) else None
@@ -101,6 +104,17 @@ def parse_manifest(data: bytes, release_id: str) -> list[ManifestEntry]:
     if "index.html" not in seen:
         raise AgentError("release has no index.html")
     return entries
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            out = stream.read(limit + 1)
+    except (OSError, EOFError):
+        raise AgentError("the manifest is not valid gzip") from None
+    if len(out) > limit:
+        raise AgentError(f"the manifest is larger than {limit} bytes")
+    return out
 
 
 def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
@@ -233,27 +247,32 @@ def init(paths: Paths) -> Answer:
     return {"initialized": str(paths.root)}
 
 
-def finalize(paths: Paths, release_id: str, manifest: bytes) -> Answer:
-    """Check a staged upload against its manifest (stdin) and make it an immutable release.
+def finalize(paths: Paths, release_id: str) -> Answer:
+    """Check a staged upload against the manifest its `begin` recorded and make it an immutable release.
 
     The upload leaves the staging area (where rsync writes) before it is checked, so nothing
-    can change it between the check and the release.
+    can change it between the check and the release. Every file then gets the modification
+    time its content determines, so ETags agree across nodes and deploys.
     """
     target = paths.release(release_id)
     if target.exists():
         remove_tree(paths.staging / release_id)
+        _upload_record(paths, release_id).unlink(missing_ok=True)
         return {"release": release_id, "finalized": True, "already": True}
-    files = parse_manifest(manifest, release_id)
     staged = paths.staging / release_id
-    if not staged.is_dir() or staged.is_symlink() or not _upload_record(paths, release_id).exists():
+    try:
+        files = cast(list[ManifestEntry], _upload(paths, release_id)["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        files = []
+    if not files or not staged.is_dir() or staged.is_symlink():
         raise AgentError(f"release {release_id} has not been uploaded (begin, rsync, then finalize)")
-    if sum(e["size"] for e in files) > MAX_RELEASE_BYTES:
-        raise AgentError(f"the release is larger than the {MAX_RELEASE_BYTES} bytes a node takes", "quota")
     paths.verifying.mkdir(exist_ok=True)
     checking = paths.verifying / release_id
     remove_tree(checking)
     os.rename(staged, checking)
     try:
+        _check_structure(checking)
+        _fill_from_held(checking, files, _held_contents(paths))
         verify_tree(checking, files)
         rules = compile_rules(checking)
         # A rules file the web server would reject fails here, not at activation on every node.
@@ -265,21 +284,20 @@ def finalize(paths: Paths, release_id: str, manifest: bytes) -> Answer:
     marker = checking / HEALTH_FILE
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_bytes(health_body(release_id).encode())
-    entries: list[ManifestEntry] = [
-        *files,
-        {"path": HEALTH_FILE, "size": marker.stat().st_size, "sha256": file_sha256(marker)},
-    ]
+    health: ManifestEntry = {"path": HEALTH_FILE, "size": marker.stat().st_size, "sha256": file_sha256(marker)}
+    entries = [*files, health]
     record = {
         "release": release_id,
         "files": len(files),
-        "finalized_at": int(time.time()),
+        "finalized_at": time.time(),
         "rules": rules,
         "manifest": [[e["path"], e["size"], e["sha256"]] for e in entries],
     }
     atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
-    for dirpath, _, filenames in os.walk(checking):
-        for name in filenames:
-            os.chmod(Path(dirpath) / name, 0o444)
+    for entry in entries:
+        path = checking / entry["path"]
+        os.chmod(path, 0o444)
+        os.utime(path, (content_mtime(entry["sha256"]),) * 2)
     os.rename(checking, target)
     _upload_record(paths, release_id).unlink(missing_ok=True)
     for dirpath, _, _ in os.walk(target, topdown=False):
@@ -291,15 +309,62 @@ def _upload_record(paths: Paths, release_id: str) -> Path:
     return paths.meta / f"upload-{release_id}.json"
 
 
-def begin(paths: Paths, release_id: str, size: str) -> Answer:
-    """Open an upload of `size` bytes: within the quota and above the free-disk floor, or refused.
+def _upload(paths: Paths, release_id: str) -> dict[str, Any]:
+    record = json.loads(_upload_record(paths, release_id).read_text())
+    if not isinstance(record, dict):
+        raise ValueError("an upload record is a JSON object")
+    return record
 
+
+def _held_contents(paths: Paths) -> dict[str, Path]:
+    """Every file content this node already holds in a finalized release, by SHA-256."""
+    held: dict[str, Path] = {}
+    for release in _release_names(paths.releases):
+        try:
+            for rel, _, sha in _record(paths, release)["manifest"]:
+                held.setdefault(sha, paths.releases / release / rel)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a release without a readable record offers nothing to reuse
+    return held
+
+
+def _check_structure(tree: Path) -> None:
+    """Only directories and regular, unlinked files: nothing that could redirect a write."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            info = (Path(dirpath) / name).lstat()
+            if not stat.S_ISDIR(info.st_mode) and not (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
+                rel = (Path(dirpath) / name).relative_to(tree).as_posix()
+                raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
+
+
+def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path]) -> None:
+    """Copy into the tree every file it lacks whose content the node already holds.
+
+    The tree is out of rsync's reach and holds only directories and regular files, so no
+    write can be redirected. Copies, never links: nothing shares storage with a release.
+    """
+    for entry in files:
+        target = tree / entry["path"]
+        source = held.get(entry["sha256"])
+        if source is None or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def begin(paths: Paths, release_id: str, manifest: bytes) -> Answer:
+    """Open an upload of a release (its manifest on stdin): answer which files must still be sent.
+
+    Refused beyond the quota or below the free-disk floor. Whatever content the node already
+    holds, it copies itself at finalize, so only changed files cross the network.
     The agent records when it began, so stale uploads are pruned by its own clock, never by
     file times a client can set; uploads abandoned by earlier deployers are pruned first, so
     none can hold the node's disk for more than an hour.
     """
-    total = int(size)
     _prune_abandoned_uploads(paths, time.time())
+    files = parse_manifest(manifest, release_id)
+    total = sum(e["size"] for e in files)
     if total > MAX_RELEASE_BYTES:
         raise AgentError(f"the release is {total} bytes; a node takes at most {MAX_RELEASE_BYTES}", "quota")
     usage = shutil.disk_usage(paths.root)
@@ -309,9 +374,14 @@ def begin(paths: Paths, release_id: str, size: str) -> Answer:
             f"{FREE_DISK_FLOOR_BYTES} (prune old releases or use a bigger disk)",
             "quota",
         )
+    if paths.release(release_id).exists():
+        return {"release": release_id, "upload": "finalized", "needed": [], "bytes": total}
     (paths.staging / release_id).mkdir(exist_ok=True)
-    atomic_write(_upload_record(paths, release_id), json.dumps({"began": time.time(), "bytes": total}).encode(), 0o644)
-    return {"release": release_id, "upload": "open", "bytes": total}
+    record = {"began": time.time(), "bytes": total, "manifest": files}
+    atomic_write(_upload_record(paths, release_id), json.dumps(record).encode(), 0o644)
+    held = _held_contents(paths)
+    needed = [e["path"] for e in files if e["sha256"] not in held]
+    return {"release": release_id, "upload": "open", "needed": needed, "bytes": total}
 
 
 def intact(paths: Paths, release_id: str) -> bool:
