@@ -950,3 +950,108 @@ def test_canonical_urls_are_a_sites_opt_in(lab: Lab, sites, tmp_path: Path):
     assert lab.get("/about").status == 200
     assert lab.get("/%5Cevil.example.html").status == 400
     assert lab.get("/_edgecdn.json").status == 404
+
+
+# ---------------------------------------------------------------- the deployer's day 2
+
+
+def _site_sync(lab: Lab, *args: str, site: Path) -> subprocess.CompletedProcess:
+    """The deployer's CLI with the lab's handoff on stdin, as `pulumi up` or a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "site_sync", *args, "--handoff", "-"],
+        input=lab_module.handoff_document(lab.description, site),
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two versions of a site that differ in one page."""
+    base = tmp_path_factory.mktemp("versions")
+    one = write_test_site(base / "one", {"index.html": b"<!doctype html><h1>version one</h1>" * 20})
+    two = base / "two"
+    shutil.copytree(one, two)
+    (two / "index.html").write_bytes(b"<!doctype html><h1>version two</h1>" * 20)
+    return {"one": one, "two": two}
+
+
+def _deploy(lab: Lab, site: Path, **options) -> object:
+    handoff = lab_module.handoff_for(lab.description, site)
+    return deploy(handoff, site, DeployOptions(ca_file=lab.ca, **options), LinesProgress())
+
+
+def test_a_one_page_change_sends_only_that_page_and_keeps_every_other_etag(lab: Lab, versions):
+    _deploy(lab, versions["one"])
+    before = {n: lab.get("/docs/", n).headers["etag"] for n in range(2)}
+    assert before[0] == before[1], "every node gives a file the same ETag"
+    report = _deploy(lab, versions["two"])
+    for node in report.nodes.values():
+        # index.html and its two compressed siblings: nothing else crosses the network.
+        assert node.files_sent == 3 and node.bytes_sent < 2000, node
+    for n in range(2):
+        unchanged = lab.get("/docs/", n, headers={"If-None-Match": before[n]})
+        assert unchanged.status == 304, "an unchanged page revalidates after a deploy"
+        assert lab.get("/", n).body.startswith(b"<!doctype html><h1>version two")
+
+
+def test_a_redeploy_of_what_every_node_holds_sends_nothing(lab: Lab, versions):
+    report = _deploy(lab, versions["one"])
+    assert report.outcome == "ok" and all(n.files_sent == 0 for n in report.nodes.values())
+    assert lab.get("/").body.startswith(b"<!doctype html><h1>version one")
+
+
+def test_a_dry_run_prints_the_plan_and_changes_nothing(lab: Lab, versions):
+    result = _site_sync(lab, "deploy", "--dry-run", site=versions["two"])
+    assert result.returncode == 0, result.stderr
+    assert "plan for release" in result.stdout and "lab-1: already holds the release, activate" in result.stdout
+    assert lab.get("/").body.startswith(b"<!doctype html><h1>version one")
+
+
+def test_a_second_deploy_at_once_is_told_busy_and_changes_nothing(lab: Lab, versions):
+    token = "f" * 32
+    assert lab.agent(f"lease={token}", "lease", "60", node=1)["ok"] is True  # a deploy from elsewhere
+    try:
+        result = _site_sync(lab, "deploy", site=versions["two"])
+    finally:
+        lab.agent(f"lease={token}", "unlease", node=1)
+    assert result.returncode == 4, result.stderr
+    assert "another deploy" in result.stderr and "nothing was changed" in result.stderr
+    assert lab.get("/", 0).body.startswith(b"<!doctype html><h1>version one"), "not even on the free node"
+
+
+def test_status_rollback_and_disagreement_from_the_command_line(lab: Lab, versions):
+    one, two = release_id_of(versions["one"]), release_id_of(versions["two"])
+    _deploy(lab, versions["two"])
+    status = _site_sync(lab, "status", "--json", site=versions["two"])
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["agree"] is True and {n["active"] for n in doc["nodes"]} == {two}
+    back = _site_sync(lab, "rollback", "--json", site=versions["two"])
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["release"] == one
+    assert all(lab.get("/", n).headers["x-edge-release"] == one for n in range(2))
+    assert lab.agent("activate", two, node=1)["ok"] is True  # the fleet split, by hand
+    split = _site_sync(lab, "status", site=versions["two"])
+    assert split.returncode == 3 and "DISAGREE" in split.stdout
+    to = _site_sync(lab, "rollback", "--to", two, site=versions["two"])
+    assert to.returncode == 0, to.stderr
+    assert all(lab.get("/", n).headers["x-edge-release"] == two for n in range(2))
+
+
+def test_min_nodes_switches_the_nodes_that_staged_and_reports_the_rest(lab: Lab, tmp_path: Path):
+    site = write_test_site(tmp_path / "three", {"index.html": b"<h1>three</h1>"})
+    staging = lab.node_dir(1) / "srv" / "staging"
+    aside = staging.with_name("staging-aside")
+    staging.rename(aside)
+    staging.write_text("lab-2 cannot stage")
+    try:
+        result = _site_sync(lab, "deploy", "--min-nodes", "1", "--json", site=site)
+    finally:
+        staging.unlink()
+        aside.rename(staging)
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "partial"
+    assert report["nodes"]["lab-1"]["after"] == release_id_of(site) and report["nodes"]["lab-1"]["error"] is None
+    assert "staging failed" in report["nodes"]["lab-2"]["error"]
+    assert lab.get("/", 1).headers["x-edge-release"] != release_id_of(site)
