@@ -1,0 +1,1 @@
+"""The deploy benchmark (python -m bench.run)."""
