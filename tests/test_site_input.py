@@ -134,3 +134,25 @@ def test_modification_times_come_from_content_and_lie_in_the_past():
     times = {content_mtime(f"{i:064x}") for i in range(1000)} | {content_mtime("f" * 64)}
     assert all(100_000_000 <= t < time.time() - 10 * 365 * 86400 for t in times)
     assert content_mtime("ab" * 32) == content_mtime("ab" * 32)
+
+
+def test_progress_is_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    import io
+    import pty
+
+    from site_sync.progress import LiveProgress, PlainProgress, progress_for
+
+    plain = io.StringIO()
+    progress = progress_for(plain)
+    assert isinstance(progress, PlainProgress)
+    progress.node("eu", "staged")
+    progress.log("done")
+    lines = plain.getvalue().splitlines()
+    assert lines[0].endswith("] eu: staged") and lines[1].endswith("] done")
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        live = progress_for(terminal)
+        assert isinstance(live, LiveProgress)
+        live.node("eu", "uploading 3 files")
+        live.close()
+    os.close(leader)
