@@ -142,9 +142,12 @@ class Agent:
         self.creds = creds
         self.lease = lease
 
-    def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT) -> Answer:
-        """Run one agent verb once; the JSON answer, AgentRefusedError, or TransportError."""
-        request = [f"{LEASE_PREFIX}{self.lease}", *words] if self.lease else list(words)
+    def call(self, *words: str, stdin: bytes = b"", timeout: float = COMMAND_TIMEOUT, leased: bool = True) -> Answer:
+        """Run one agent verb once; the JSON answer, AgentRefusedError, or TransportError.
+
+        Reads (`status`) and a booting node's bootstrap agent take no lease: `leased=False`.
+        """
+        request = [f"{LEASE_PREFIX}{self.lease}", *words] if self.lease and leased else list(words)
         argv = [*ssh_options(self.creds, self.node), self.node.address, "--", *request]
         try:
             result = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
@@ -162,7 +165,7 @@ class Agent:
     def status(self, answer: Answer | None = None) -> NodeStatus:
         """The node's status in the contract's shape (asked for, unless an answer is given)."""
         try:
-            return parse_status(self.call("status", timeout=30) if answer is None else answer)
+            return parse_status(self.call("status", timeout=30, leased=False) if answer is None else answer)
         except StatusError as exc:
             raise AgentRefusedError(self.node.name, "status", str(exc)) from None
 
@@ -178,7 +181,7 @@ class Agent:
         last = "no answer yet"
         while True:
             try:
-                status = self.call("status", timeout=30)
+                status = self.call("status", timeout=30, leased=False)
                 if not status.get("bootstrapping"):
                     return self.status(status)
                 state = status.get("bundle")
@@ -190,7 +193,7 @@ class Agent:
                         raise AgentRefusedError(
                             self.node.name, "status", "the node waits for its bundle, but the handoff carries none"
                         )
-                    self.call("install-bundle", stdin=self.node.bundle, timeout=60)
+                    self.call("install-bundle", stdin=self.node.bundle, timeout=60, leased=False)
                     sent_bundle = True
                     log(f"{self.node.name}: node bundle sent; the node installs it")
                     delay = 2.0
