@@ -98,12 +98,27 @@ push = SitePush(
 )
 
 pulumi.export("url", f"https://{config.domain}/")
+# What `python -m edgecdn verify` checks against.
+pulumi.export("domain", config.domain)
+pulumi.export("aliases", list(config.aliases))
+pulumi.export("hostedZoneId", config.hosted_zone_id)
+pulumi.export("sshAllowedCidrs", list(config.ssh_allowed_cidrs))
 pulumi.export("releaseId", release_id)
 # Secret: for `python -m site_sync status|rollback --handoff -` (see the README).
 pulumi.export("handoff", push.handoff)
 pulumi.export(
     "nodes",
-    [{"name": n.name, "region": n.region, "ipv4": n.ipv4, "ipv6": n.ipv6} for n in nodes],
+    [
+        {
+            "name": n.name,
+            "region": n.region,
+            "backend": n.spec.backend,
+            "instanceId": n.instance_id,
+            "ipv4": n.ipv4,
+            "ipv6": n.ipv6,
+        }
+        for n in nodes
+    ],
 )
 pulumi.export("knownHosts", [pulumi.Output.concat(n.ipv4, " ", n.host_public_key) for n in nodes])
 pulumi.export("healthCheckIds", dns.health_check_ids)

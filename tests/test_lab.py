@@ -1114,3 +1114,39 @@ def test_no_reader_sees_a_mixed_version_through_twenty_deploys(lab: Lab, tmp_pat
 def test_no_request_fails_through_deploys(lab: Lab, tmp_path: Path):
     _, failures, _ = _read_through_deploys(lab, tmp_path, 6)
     assert not failures, f"{len(failures)} requests failed, e.g. {failures[:3]}"
+
+
+def test_verify_checks_every_node_directly_and_their_releases(lab: Lab, versions):
+    """`python -m edgecdn verify` against the lab's nodes (AWS checks skipped: they are stubbed elsewhere)."""
+    _deploy(lab, versions["one"])
+    outputs = {
+        "domain": lab.domain,
+        "aliases": lab.description["aliases"],
+        "hostedZoneId": "Z0123456789ABCDEFGHIJ",
+        "nodes": [
+            {"name": n["name"], "region": "lab", "backend": "lightsail", "instanceId": n["name"],
+             "ipv4": n["address"], "ipv6": None}
+            for n in lab.nodes
+        ],
+        "healthCheckIds": {},
+        "handoff": lab_module.handoff_document(lab.description, versions["one"]),
+    }  # fmt: skip
+    argv = ["verify", "--outputs", "-", "--json", "--ca-file", lab.ca, "--https-port", str(lab.nodes[0]["https_port"])]
+    argv += [arg for check in ("dns", "health", "firewall") for arg in ("--skip", check)]
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "edgecdn", *argv], input=json.dumps(outputs), capture_output=True, text=True,
+        cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    result = run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert {f["check"] for f in findings} == {"https", "release"}
+    assert len([f for f in findings if f["check"] == "https"]) == 2 * len(lab.nodes)
+    assert all(f["level"] == "ok" for f in findings), findings
+    assert lab.agent("rollback", node=1)["ok"] is True  # the fleet split
+    try:
+        split = run()
+    finally:
+        _deploy(lab, versions["one"])
+    assert split.returncode == 1
+    assert any("the nodes disagree" in f["detail"] for f in json.loads(split.stdout)["findings"])
