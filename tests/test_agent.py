@@ -208,3 +208,47 @@ def test_a_deploy_lease_turns_a_second_deployer_away_until_it_ends(node, monkeyp
 def test_a_lease_needs_a_token_and_a_bounded_length(node):
     assert "needs a token" in remote(node, "lease 60")[1]["message"]
     assert "at most 900" in remote(node, f"lease={'c' * 32} lease 901")[1]["message"]
+
+
+def _release(files: dict[str, bytes]) -> tuple[str, bytes]:
+    import hashlib
+
+    from edgecdn.contract import release_id_of
+
+    entries = [
+        {"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest(), "derived": p.endswith(".br")}
+        for p, d in files.items()
+    ]
+    return release_id_of(entries), json.dumps({"files": entries}).encode()
+
+
+def _stage_and_finalize(node: Path, files: dict[str, bytes]) -> tuple[int, dict]:
+    release, manifest = _release(files)
+    code, answer = remote(node, f"begin {release}", stdin=manifest)
+    assert code == ExitCode.OK, answer
+    staging = Path(json.loads(node.read_text())["root"]) / "staging" / release
+    for path in answer["needed"]:
+        (staging / path).parent.mkdir(parents=True, exist_ok=True)
+        (staging / path).write_bytes(files[path])
+    return remote(node, f"finalize {release}")
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="finalize validates the site config with caddy")
+def test_a_sibling_pair_proved_once_is_not_decompressed_again_and_a_new_one_is(node, monkeypatch):
+    import brotli
+
+    from edgecdn.node.agent import store
+
+    page = b"<!doctype html><p>" + b"same page " * 200
+    first = {"index.html": page, "index.html.br": brotli.compress(page)}
+    assert _stage_and_finalize(node, first)[0] == ExitCode.OK
+    calls: list[str] = []
+    real = store._decompressed_sha256
+    monkeypatch.setattr(store, "_decompressed_sha256", lambda p, k, n: calls.append(p.name) or real(p, k, n))
+    code, answer = _stage_and_finalize(node, {**first, "other.html": b"<p>new</p>"})
+    assert code == ExitCode.OK, answer
+    assert calls == [], "the pair was proved at the first finalize"
+    forged = {"index.html": page, "index.html.br": brotli.compress(b"<script>evil()</script>"), "x.html": b"x"}
+    code, answer = _stage_and_finalize(node, forged)
+    assert code == ExitCode.REFUSED and "is not a compression of 'index.html'" in answer["message"]
+    assert calls == ["index.html.br"]

@@ -139,11 +139,13 @@ def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
     return digest.hexdigest() if size == limit else None
 
 
-def verify_tree(tree: Path, files: list[ManifestEntry]) -> None:
+def verify_tree(tree: Path, files: list[ManifestEntry], proven: frozenset[tuple[str, str]] = frozenset()) -> None:
     """The tree holds exactly the manifest's files: no more, no less, no links, nothing shared.
 
     A compressed sibling (x.css.br, x.css.gz) must decompress to its source, byte for byte, so
-    the release id, which covers the sources, determines every byte a node can serve.
+    the release id, which covers the sources, determines every byte a node can serve. A pair
+    of contents (sibling SHA-256, source SHA-256) this node already proved is not decompressed
+    again: the bytes, hashed here, are the ones proved.
     """
     expected = {e["path"]: e for e in files}
     found = set()
@@ -163,6 +165,9 @@ def verify_tree(tree: Path, files: list[ManifestEntry]) -> None:
                 raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
             if entry.get("derived"):
                 source = expected[rel.rpartition(".")[0]]
+                if (entry["sha256"], source["sha256"]) in proven:
+                    found.add(rel)
+                    continue
                 try:
                     same = _decompressed_sha256(full, rel.rpartition(".")[2], source["size"]) == source["sha256"]
                 except (OSError, EOFError, brotli.error):
@@ -272,8 +277,9 @@ def finalize(paths: Paths, release_id: str) -> Answer:
     os.rename(staged, checking)
     try:
         _check_structure(checking)
-        _fill_from_held(checking, files, _held_contents(paths))
-        verify_tree(checking, files)
+        held, proven = _held_contents(paths), _proven_siblings(paths)
+        _fill_from_held(checking, files, held)
+        verify_tree(checking, files, proven)
         rules = compile_rules(checking)
         # A rules file the web server would reject fails here, not at activation on every node.
         site = webserver.render_site(paths.layout, release_id, paths.link_target(paths.current), rules, True)
@@ -284,6 +290,7 @@ def finalize(paths: Paths, release_id: str) -> Answer:
     marker = checking / HEALTH_FILE
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_bytes(health_body(release_id).encode())
+    by_path = {e["path"]: e["sha256"] for e in files}
     health: ManifestEntry = {"path": HEALTH_FILE, "size": marker.stat().st_size, "sha256": file_sha256(marker)}
     entries = [*files, health]
     record = {
@@ -292,6 +299,8 @@ def finalize(paths: Paths, release_id: str) -> Answer:
         "finalized_at": time.time(),
         "rules": rules,
         "manifest": [[e["path"], e["size"], e["sha256"]] for e in entries],
+        # (sibling, source) content pairs proved to decompress one to the other, for later deploys.
+        "siblings": [[e["sha256"], by_path[e["path"].rpartition(".")[0]]] for e in files if e.get("derived")],
     }
     atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
     for entry in entries:
@@ -336,6 +345,17 @@ def _check_structure(tree: Path) -> None:
             if not stat.S_ISDIR(info.st_mode) and not (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
                 rel = (Path(dirpath) / name).relative_to(tree).as_posix()
                 raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
+
+
+def _proven_siblings(paths: Paths) -> frozenset[tuple[str, str]]:
+    """Every (sibling, source) content pair a kept release proved at its finalize."""
+    pairs: set[tuple[str, str]] = set()
+    for release in _release_names(paths.releases):
+        try:
+            pairs.update((str(a), str(b)) for a, b in _record(paths, release).get("siblings", []))
+        except (OSError, ValueError, TypeError):
+            continue
+    return frozenset(pairs)
 
 
 def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path]) -> None:
