@@ -158,9 +158,12 @@ class Fleet:
         def one(node: NodeTarget) -> NodeStatus:
             self.progress.node(node.name, "connecting")
             agent = self.agent(node)
-            status = agent.wait_until_ready(wait_seconds, self.progress.log)
-            if self.lease:
-                self.retried(node, "lease", lambda: agent.call("lease", str(LEASE_SECONDS)))
+            status = self._leased_status(agent) if self.lease else None
+            if status is None:
+                # A new node may still be booting: wait for it, then take the lease.
+                status = agent.wait_until_ready(wait_seconds, self.progress.log)
+                if self.lease:
+                    self.retried(node, "lease", lambda: agent.call("lease", str(LEASE_SECONDS)))
             self.progress.node(node.name, f"ready, serves {status['active'] or 'nothing'}")
             return status
 
@@ -171,6 +174,18 @@ class Fleet:
                 "could not start: nothing was changed on any node:\n" + _describe(errors), changed=False, busy=busy
             )
         return statuses
+
+    def _leased_status(self, agent: Agent) -> NodeStatus | None:
+        """Take the lease and read the status in one exchange; None when the node is not up yet."""
+        try:
+            answer = agent.call("lease", str(LEASE_SECONDS))
+        except TransportError:
+            return None
+        except AgentRefusedError as exc:
+            if exc.code == "busy":
+                raise
+            return None  # a booting node's bootstrap agent takes only status and its bundle
+        return agent.status({"ok": True, **answer.get("status", {})})
 
     def release_leases(self) -> None:
         """End the leases and close the connections (best effort: a lease also expires by itself)."""
