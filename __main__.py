@@ -22,7 +22,7 @@ try:
     config = read_stack_config(PROJECT_DIR)
     check_user_data_budget(config, stack_file())
     with open_cache() as cache:  # hashes cached by path and stat: seconds, not minutes, for a big site
-        release_id = release_id_of(config.site_dir, cache)
+        release_id = release_id_of(config.site_dir, cache, config.follow_external_symlinks)
 except (ConfigError, SiteError) as exc:
     raise pulumi.RunError(f"edgecdn: {exc}") from None
 
@@ -46,6 +46,7 @@ push_args = PushArgs(
     aliases=config.aliases,
     release_id=release_id,
     site_dir=site_path_for_handoff(config.site_dir, PROJECT_DIR),
+    follow_external_symlinks=config.follow_external_symlinks,
     deploy_private_key=deploy_key.private_key_openssh,
     certificate_chain=certificate.chain_pem,
     certificate_key=certificate.private_key_pem,

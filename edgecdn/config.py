@@ -45,6 +45,7 @@ KEY_KINDS = {
     "caaIssuer": "string",
     "certMinDaysRemaining": "int",
     "manageCaa": "bool",
+    "followExternalSymlinks": "bool",
     "alertEmail": "string",
 }
 # A fixed renewal threshold must stay under half of the shortest lifetime a CA will issue
@@ -95,6 +96,7 @@ class EdgeConfig:
     cert_min_days_remaining: int | None = None
     alert_email: str | None = None
     manage_caa: bool = False
+    follow_external_symlinks: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -210,6 +212,7 @@ def parse_config(
             "Encrypt's will from 2028, would be renewed on every run with a larger value)",
         )
     manage_caa = bool(r.get("manageCaa"))
+    follow_external = bool(r.get("followExternalSymlinks"))
 
     if r.problems:
         raise ConfigError(r.problems, stack_file)
@@ -229,6 +232,7 @@ def parse_config(
         cert_min_days_remaining=min_days,
         alert_email=alert_email,
         manage_caa=manage_caa,
+        follow_external_symlinks=follow_external,
     )
 
 

@@ -36,6 +36,7 @@ class PushArgs:
     certificate_chain: pulumi.Input[str]
     certificate_key: pulumi.Input[str]
     aliases: tuple[str, ...] = ()
+    follow_external_symlinks: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def handoff_document(args: PushArgs, nodes: list[NodeTarget], secrets: dict[str,
         deploy_key=secrets["deploy_key"],
         certificate_chain=secrets["chain"],
         certificate_key=secrets["key"],
+        follow_external_symlinks=args.follow_external_symlinks,
     )
 
 

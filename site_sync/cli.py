@@ -129,7 +129,7 @@ def _run(
         seed=args.command == "seed",
         dry_run=args.dry_run,
         min_nodes=getattr(args, "min_nodes", None),
-        follow_external_symlinks=getattr(args, "follow_external_symlinks", False),
+        follow_external_symlinks=getattr(args, "follow_external_symlinks", False) or handoff.follow_external_symlinks,
     )
     try:
         if args.command == "rollback":

@@ -57,6 +57,7 @@ class Handoff:
     certificate_chain: str
     certificate_key: str
     ca_pem: str | None = None
+    follow_external_symlinks: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -76,9 +77,12 @@ def build_handoff(
     certificate_chain: str,
     certificate_key: str,
     ca_pem: str | None = None,
+    follow_external_symlinks: bool = False,
 ) -> str:
     """The JSON text of a handoff document (the Pulumi program's side, and the lab's)."""
-    extra = {"ca_pem": ca_pem} if ca_pem else {}
+    extra: dict[str, Any] = {"ca_pem": ca_pem} if ca_pem else {}
+    if follow_external_symlinks:
+        extra["follow_external_symlinks"] = True
     return json.dumps(
         {
             "schema": SCHEMA,
@@ -172,6 +176,7 @@ def parse_handoff(text: str) -> Handoff:
         certificate_chain=chain,
         certificate_key=key,
         ca_pem=ca_pem,
+        follow_external_symlinks=doc.get("follow_external_symlinks") is True,
     )
 
 

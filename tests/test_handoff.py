@@ -120,3 +120,12 @@ def test_cli_check_reads_stdin_and_reports_without_secrets():
         cwd=PROJECT_DIR,
     )
     assert bad.returncode == 2 and "schema" in bad.stderr and "SECRET" not in bad.stderr
+
+
+def test_following_external_symlinks_travels_only_when_the_stack_asks_for_it():
+    assert parse_handoff(document()).follow_external_symlinks is False
+    doc = json.loads(document())
+    doc["follow_external_symlinks"] = True
+    assert parse_handoff(json.dumps(doc)).follow_external_symlinks is True
+    doc["follow_external_symlinks"] = "yes"
+    assert parse_handoff(json.dumps(doc)).follow_external_symlinks is False, "only a JSON true turns it on"
