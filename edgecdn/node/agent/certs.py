@@ -9,7 +9,6 @@ certificate with the deploy key always brings a node back.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from edgecdn.contract import MIN_CERT_DAYS_LEFT, CertificateStatus, leaf_fingerprint
 from edgecdn.node.agent import store, webserver
-from edgecdn.node.agent.common import AgentError, Answer, Paths, atomic_write, run
+from edgecdn.node.agent.common import AgentError, Answer, Paths, run
 
 # Key types the web server (Go's crypto/tls) can serve: RSA, ECDSA on these curves, Ed25519.
 _SERVABLE_KEYS = re.compile(r"Public Key Algorithm: (rsaEncryption|ED25519|id-ecPublicKey)")
@@ -132,23 +131,10 @@ def install(paths: Paths, bundle: bytes) -> Answer:
     unchanged = paths.cert_installed.exists() and paths.cert.read_bytes() == chain and paths.key.read_bytes() == key
     if not unchanged:
         webserver.loads_certificate(paths, chain, key)
-        old = {path: path.read_bytes() for path in (paths.key, paths.cert) if path.exists()}
-        was_installed = paths.cert_installed.exists()
-        atomic_write(paths.key, key, 0o640)
-        atomic_write(paths.cert, chain, 0o644)
-        atomic_write(paths.cert_installed, not_after.encode(), 0o644)
-        try:
-            store.write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
-            webserver.reload(paths.layout)
-        except AgentError:
-            for path, content in old.items():
-                atomic_write(path, content, 0o640 if path == paths.key else 0o644)
-            if not was_installed:
-                paths.cert_installed.unlink(missing_ok=True)
-            store.write_site(paths, paths.link_target(paths.current), paths.link_target(paths.previous))
-            with contextlib.suppress(AgentError):
-                webserver.reload(paths.layout)
-            raise
+        # The key readable by the caddy group only; the old pair comes back if Caddy refuses the new one.
+        files: dict[Path, bytes | None] = {paths.key: key, paths.cert: chain, paths.cert_installed: not_after.encode()}
+        config = store.render_config(paths, paths.link_target(paths.current), cert_ready=True)
+        store.apply_config(paths, {**files, **config}, reload=True, private=frozenset({paths.key}))
     return {"certificate": certificate_status(paths), "changed": not unchanged}
 
 

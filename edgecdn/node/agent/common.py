@@ -39,6 +39,9 @@ class Paths:
         self.state = Path(layout["root"]) / "state"
         self.site_snippet = self.state / "site.caddy"
         self.identity_snippet = self.state / "identity.caddy"
+        # The release the web server serves, and the one before it: read by every request.
+        self.served = self.state / "served"
+        self.served_previous = self.state / "served-previous"
         self.current = self.root / "current"
         self.previous = self.root / "previous"
         self.tls = Path(layout["tls_dir"])

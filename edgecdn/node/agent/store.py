@@ -196,33 +196,69 @@ def _rules_of(paths: Paths, release_id: str | None) -> Rules | None:
         raise AgentError(f"release {release_id} has no record; finalize it again", "state") from None
 
 
-def write_site(paths: Paths, current: str | None, previous: str | None) -> None:
-    """Write the site config for these releases; the web server reads it on its next reload."""
-    snippet = webserver.render_site(
-        paths.layout, current, previous, _rules_of(paths, current), paths.cert_installed.exists()
-    )
-    atomic_write(paths.identity_snippet, webserver.render_identity(paths.layout, current).encode(), 0o644)
-    atomic_write(paths.site_snippet, snippet.encode(), 0o644)
+def render_config(paths: Paths, current: str | None, cert_ready: bool | None = None) -> dict[Path, bytes]:
+    """The site and identity snippets for serving `current` (its rules), by the file they go to."""
+    serving = current is not None
+    ready = paths.cert_installed.exists() if cert_ready is None else cert_ready
+    site = webserver.render_site(paths.layout, serving, _rules_of(paths, current), ready)
+    return {
+        paths.site_snippet: site.encode(),
+        paths.identity_snippet: webserver.render_identity(paths.layout, serving).encode(),
+    }
 
 
-def _switch(paths: Paths, current: str | None, previous: str | None) -> None:
-    """Make the web server serve these releases, then record them; on any failure change nothing.
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
-    The recorded state (the current and previous links that `status` reports) moves only once
-    the web server has confirmed the new configuration.
+
+def _write_files(files: dict[Path, bytes | None], private: frozenset[Path] = frozenset()) -> None:
+    for path, content in files.items():
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, content, 0o640 if path in private else 0o644)
+
+
+def apply_config(
+    paths: Paths, files: dict[Path, bytes | None], reload: bool, private: frozenset[Path] = frozenset()
+) -> None:
+    """Write these node files and, if `reload`, have the web server load them; on failure restore them.
+
+    After a failed or timed-out reload the server may hold either config, so it is given the old
+    one again.
     """
-    snippets = (paths.site_snippet, paths.identity_snippet)
-    old_snippets = {p: p.read_bytes() for p in snippets if p.exists()}
-    write_site(paths, current, previous)
+    old = {path: _read(path) for path in files}
+    _write_files(files, private)
+    if not reload:
+        return
     try:
         webserver.reload(paths.layout)
     except AgentError:
-        for path, content in old_snippets.items():
-            atomic_write(path, content, 0o644)
-        # After a timeout the server may hold either config: give it the old one again.
+        _write_files(old, private)
         with contextlib.suppress(AgentError):
             webserver.reload(paths.layout)
         raise
+
+
+def _switch(paths: Paths, current: str, previous: str | None) -> None:
+    """Make the web server serve these releases, then record them; on any failure change nothing.
+
+    The served files are read by every request, so when the site config stays the same (the
+    new release has the same rules) the switch is their atomic replacement, with no reload and
+    no connection dropped. Otherwise Caddy must confirm the new config first. The recorded
+    state (the current and previous links that `status` reports) moves only after either.
+    """
+    config = render_config(paths, current)
+    reload = any(_read(path) != content for path, content in config.items())
+    # The previous file first: a request between the two renames finds the old release in both.
+    served: dict[Path, bytes | None] = {
+        paths.served_previous: (previous or current).encode(),
+        paths.served: current.encode(),
+    }
+    apply_config(paths, {**served, **config}, reload)
     for link, target in ((paths.previous, previous), (paths.current, current)):
         if target:
             atomic_symlink(link, f"releases/{target}")
@@ -248,7 +284,10 @@ def init(paths: Paths) -> Answer:
         paths.cert_installed.unlink(missing_ok=True)
     if not paths.site_snippet.exists() or not paths.identity_snippet.exists():
         current = paths.link_target(paths.current)
-        write_site(paths, current, paths.link_target(paths.previous))
+        if current:
+            previous = paths.link_target(paths.previous) or current
+            _write_files({paths.served_previous: previous.encode(), paths.served: current.encode()})
+        _write_files(dict(render_config(paths, current)))
     return {"initialized": str(paths.root)}
 
 
@@ -282,7 +321,7 @@ def finalize(paths: Paths, release_id: str) -> Answer:
         verify_tree(checking, files, proven)
         rules = compile_rules(checking)
         # A rules file the web server would reject fails here, not at activation on every node.
-        site = webserver.render_site(paths.layout, release_id, paths.link_target(paths.current), rules, True)
+        site = webserver.render_site(paths.layout, True, rules, True)
         webserver.validate(paths, site, paths.cert.read_bytes(), paths.key.read_bytes(), "this site's rules")
     except BaseException:
         remove_tree(checking)
@@ -429,8 +468,9 @@ def activate(paths: Paths, release_id: str) -> Answer:
     current = paths.link_target(paths.current)
     previous = paths.link_target(paths.previous)
     if current == release_id:
-        write_site(paths, current, previous)
-        webserver.reload(paths.layout)
+        # Nothing to switch; the config is written and loaded again, which repairs a node whose
+        # web server lost it.
+        apply_config(paths, dict(render_config(paths, current)), reload=True)
         return {"active": release_id, "previous": previous, "changed": False}
     _switch(paths, release_id, current or previous)
     return {"active": release_id, "previous": current or previous, "changed": True}

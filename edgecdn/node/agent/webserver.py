@@ -1,9 +1,17 @@
 """The web server's side of a node: the site config the agent renders, and loading it into Caddy.
 
-`render_site` turns a release and its compiled rules into the Caddy snippet the node's
-Caddyfile imports: the health marker, guards against hostile paths, the site's own headers and
-redirects, pretty URLs, content types and cache lifetimes, skew protection. `reload` and
-`validate` have Caddy itself confirm a config before anything on the node depends on it.
+`render_site` turns a release's compiled rules into the Caddy snippet the node's Caddyfile
+imports: the health marker, guards against hostile paths, the site's own headers and redirects,
+pretty URLs, content types and cache lifetimes, skew protection. `reload` and `validate` have
+Caddy itself confirm a config before anything on the node depends on it.
+
+Which release is served is not part of the config: every request reads it, once, from a small
+file the agent replaces atomically (Caddy's {file.*} placeholder, into a request variable that
+the file server, the health marker and X-Edge-Release all use). A release switch is therefore a
+rename, not a config reload: a reload makes Caddy stop its old servers, and connections they had
+just accepted were closed without an answer (about one per client per switch in the lab). Caddy
+reloads only when the config itself changes: another site's rules, the first release, a new
+certificate.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from edgecdn.node.agent.common import AgentError, Layout, Paths, run
 from edgecdn.node.agent.rules import Rules, caddy_quote
 
 RELOAD_TIMEOUT = 30
+# The request variables the served files are read into.
+SERVED_VAR, PREVIOUS_VAR = "edge_release", "edge_previous"
 # What skew protection serves from the previous release: what pages load, not pages.
 SKEW_ASSET_TYPES = (
     "css js mjs map wasm woff woff2 ttf otf eot png jpg jpeg gif webp avif svg ico bmp mp4 webm mp3 ogg".split()
@@ -153,30 +163,38 @@ def _pretty_url_redirects(release_dir: str, canonical: bool, depth: int) -> str:
     return _indent(rules, depth)
 
 
-def render_identity(layout: Layout, current: str | None) -> str:
-    """Headers every response carries, on port 80 too: which node, which release."""
-    node, release = caddy_quote(layout["node_name"]), caddy_quote(current or "none")
-    return f"header {{\n\tX-Edge-Node {node}\n\tX-Edge-Release {release}\n\t-Server\n}}\n"
+def render_identity(layout: Layout, serving: bool) -> str:
+    """Headers every response carries, on port 80 too: which node, which release (read once per request)."""
+    node = caddy_quote(layout["node_name"])
+    if not serving:
+        return f"header {{\n\tX-Edge-Node {node}\n\tX-Edge-Release none\n\t-Server\n}}\n"
+    served = Paths(layout).served
+    return (
+        f"vars {SERVED_VAR} {{file.{served}}}\n"
+        f"header {{\n\tX-Edge-Node {node}\n\tX-Edge-Release {{vars.{SERVED_VAR}}}\n\t-Server\n}}\n"
+    )
 
 
-def render_site(
-    layout: Layout, current: str | None, previous: str | None, rules: Rules | None, cert_ready: bool
-) -> str:
-    """The Caddy snippet for the site block: health, rules, pretty URLs, skew protection."""
+def render_site(layout: Layout, serving: bool, rules: Rules | None, cert_ready: bool) -> str:
+    """The Caddy snippet for the site block: health, rules, pretty URLs, skew protection.
+
+    `serving`: whether a release is active; which one is read per request from the served files.
+    """
     releases = f"{layout['root']}/releases"
-    head = [render_identity(layout, current), 'header Strict-Transport-Security "max-age=31536000"']
-    if current and cert_ready:
+    head = [render_identity(layout, serving), 'header Strict-Transport-Security "max-age=31536000"']
+    current = f"{{vars.{SERVED_VAR}}}"
+    if serving and cert_ready:
         health = [
             f"root * {releases}/{current}",
             'header Content-Type "text/plain; charset=utf-8"',
             "file_server",
         ]
     else:
-        why = "no release is active" if not current else "no certificate is installed"
+        why = "no release is active" if not serving else "no certificate is installed"
         health = [f"respond {caddy_quote(f'edgecdn-unready: {why}')} 503"]
     text = _indent(head, 0)
     text += f"handle {HEALTH_PATH} {{\n\theader Cache-Control no-store\n" + _indent(health, 1) + "}\n"
-    if not current:
+    if not serving:
         return text + 'handle {\n\trespond "no release is active on this node" 503\n}\n'
     cur = f"{releases}/{current}"
 
@@ -205,10 +223,11 @@ def render_site(
     body += _pretty_url_redirects(cur, bool(rules and rules["canonical"]), 1)
     body += _indent(rewrites, 1)
     body += _serve_from(cur, "cur", 1)
-    if previous:
-        # Skew protection: a page loaded before a switch may still fetch its old assets, never
-        # an old page or document (a deleted page must be gone).
-        body += _serve_from(f"{releases}/{previous}", "prev", 1, assets_only=True)
+    # Skew protection: a page loaded before a switch may still fetch its old assets, never an old
+    # page or document (a deleted page must be gone). With no previous release, the file names
+    # the current one again.
+    body += _indent([f"vars {PREVIOUS_VAR} {{file.{Paths(layout).served_previous}}}"], 1)
+    body += _serve_from(f"{releases}/{{vars.{PREVIOUS_VAR}}}", "prev", 1, assets_only=True)
     body += _indent(not_found("end"), 1)
     return text + "handle {\n\troute {\n" + body + "\t}\n}\n"
 
