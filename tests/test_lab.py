@@ -736,6 +736,24 @@ def test_a_release_altered_after_finalize_is_reported_and_never_activated(lab: L
     assert lab.agent("status")["intact"] is True, "the active release is untouched"
 
 
+def test_a_served_file_altered_in_place_with_its_time_restored_is_reported(lab: Lab):
+    """`status` skips hashing only while no file's change time moved; a restored mtime does not hide a write."""
+    active = lab.agent("status")["active"]
+    target = lab.node_dir(0) / "srv" / "releases" / active / "index.html"
+    original, info = target.read_bytes(), target.stat()
+    assert lab.agent("status")["intact"] is True
+    os.chmod(target, 0o644)
+    try:
+        target.write_bytes(original.upper())  # same size
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+        assert lab.agent("status")["intact"] is False
+    finally:
+        target.write_bytes(original)
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+        os.chmod(target, 0o444)
+    assert lab.agent("status")["intact"] is True
+
+
 def test_manifest_must_hash_to_the_release_id(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "site", {"index.html": b"<h1>forged</h1>"})
     release = build_tree(site, tmp_path / "build")

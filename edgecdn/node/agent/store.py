@@ -139,13 +139,20 @@ def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
     return digest.hexdigest() if size == limit else None
 
 
-def verify_tree(tree: Path, files: list[ManifestEntry], proven: frozenset[tuple[str, str]] = frozenset()) -> None:
-    """The tree holds exactly the manifest's files: no more, no less, no links, nothing shared.
+def verify_tree(
+    tree: Path,
+    files: list[ManifestEntry],
+    proven: frozenset[tuple[str, str]] = frozenset(),
+    held: frozenset[str] = frozenset(),
+) -> None:
+    """The tree holds exactly the manifest's files: no more, no less, regular files only.
 
     A compressed sibling (x.css.br, x.css.gz) must decompress to its source, byte for byte, so
     the release id, which covers the sources, determines every byte a node can serve. A pair
     of contents (sibling SHA-256, source SHA-256) this node already proved is not decompressed
-    again: the bytes, hashed here, are the ones proved.
+    again: the bytes, hashed here, are the ones proved. Paths in `held` are links the agent
+    made itself to files of the node's finalized releases, whose contents those releases'
+    manifests already fix (and which activation and `status` check like every other file).
     """
     expected = {e["path"]: e for e in files}
     found = set()
@@ -156,14 +163,14 @@ def verify_tree(tree: Path, files: list[ManifestEntry], proven: frozenset[tuple[
             info = full.lstat()
             if stat.S_ISDIR(info.st_mode):
                 continue
-            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            if not stat.S_ISREG(info.st_mode):
                 raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
             entry = expected.get(rel)
             if entry is None:
                 raise AgentError(f"{rel!r} is not in the manifest")
-            if info.st_size != entry["size"] or file_sha256(full) != entry["sha256"]:
+            if info.st_size != entry["size"] or (rel not in held and file_sha256(full) != entry["sha256"]):
                 raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
-            if entry.get("derived"):
+            if entry.get("derived") and rel not in held:
                 source = expected[rel.rpartition(".")[0]]
                 if (entry["sha256"], source["sha256"]) in proven:
                     found.add(rel)
@@ -317,8 +324,8 @@ def finalize(paths: Paths, release_id: str) -> Answer:
     try:
         _check_structure(checking)
         held, proven = _held_contents(paths), _proven_siblings(paths)
-        _fill_from_held(checking, files, held)
-        verify_tree(checking, files, proven)
+        linked = _fill_from_held(checking, files, held)
+        verify_tree(checking, files, proven, linked)
         rules = compile_rules(checking)
         # A rules file the web server would reject fails here, not at activation on every node.
         site = webserver.render_site(paths.layout, True, rules, True)
@@ -343,6 +350,8 @@ def finalize(paths: Paths, release_id: str) -> Answer:
     }
     atomic_write(paths.meta / f"{release_id}.json", json.dumps(record).encode(), 0o644)
     for entry in entries:
+        if entry["path"] in linked:
+            continue  # a finalized release's file: read-only with its content's time already
         path = checking / entry["path"]
         os.chmod(path, 0o444)
         os.utime(path, (content_mtime(entry["sha256"]),) * 2)
@@ -397,19 +406,26 @@ def _proven_siblings(paths: Paths) -> frozenset[tuple[str, str]]:
     return frozenset(pairs)
 
 
-def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path]) -> None:
-    """Copy into the tree every file it lacks whose content the node already holds.
+def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path]) -> frozenset[str]:
+    """Link into the tree every file it lacks whose content a finalized release holds; the paths linked.
 
-    The tree is out of rsync's reach and holds only directories and regular files, so no
-    write can be redirected. Copies, never links: nothing shares storage with a release.
+    The tree is out of rsync's reach and was checked to hold only directories and regular,
+    unlinked files before this, so nothing an upload wrote shares storage with a release:
+    links join finalized releases only. A file system that cannot link gets a copy.
     """
+    linked = set()
     for entry in files:
         target = tree / entry["path"]
         source = held.get(entry["sha256"])
         if source is None or target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        try:
+            os.link(source, target)
+            linked.add(entry["path"])
+        except OSError:
+            shutil.copyfile(source, target)
+    return frozenset(linked)
 
 
 def begin(paths: Paths, release_id: str, manifest: bytes) -> Answer:
@@ -443,16 +459,60 @@ def begin(paths: Paths, release_id: str, manifest: bytes) -> Answer:
     return {"release": release_id, "upload": "open", "needed": needed, "bytes": total}
 
 
-def intact(paths: Paths, release_id: str) -> bool:
-    """Whether a finalized release still holds exactly what was verified at finalize."""
+def _signature(tree: Path) -> str:
+    """A digest of every file's identity and change time: any write, chmod or utime changes it."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(filenames):
+            info = (Path(dirpath) / name).lstat()
+            digest.update(
+                f"{dirpath}/{name}\0{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}\n".encode()
+            )
+    return digest.hexdigest()
+
+
+def _signature_file(paths: Paths, release_id: str) -> Path:
+    return paths.meta / f"{release_id}.signature"
+
+
+def _record_signature(paths: Paths, release_id: str) -> None:
+    """Remember the release's signature once every byte of it was checked.
+
+    Only when its newest change is over a second old: a write in the same clock tick as the
+    check would leave the change time as it was (git's "racily clean" case).
+    """
+    tree = paths.release(release_id)
+    newest = max((p.lstat().st_ctime for p in tree.rglob("*")), default=0.0)
+    if time.time() - newest > 1:
+        atomic_write(_signature_file(paths, release_id), _signature(tree).encode(), 0o644)
+    else:
+        _signature_file(paths, release_id).unlink(missing_ok=True)
+
+
+def intact(paths: Paths, release_id: str, full: bool = False) -> bool:
+    """Whether a finalized release still holds exactly what was verified at finalize.
+
+    With `full` (before a release is served) every file is hashed. Otherwise (`status`) the
+    hashing is skipped when no file changed at all since the last full check: a change to any
+    file (its content, mode or time) changes its change time, which no client can set.
+    """
+    tree = paths.release(release_id)
+    if not full:
+        try:
+            if _signature_file(paths, release_id).read_text() == _signature(tree):
+                return True
+        except OSError:
+            pass
     try:
         # Compressed siblings were proven at finalize; here every file's bytes are checked.
         files: list[ManifestEntry] = [
             {"path": p, "size": size, "sha256": sha} for p, size, sha in _record(paths, release_id)["manifest"]
         ]
-        verify_tree(paths.release(release_id), files)
+        verify_tree(tree, files)
     except (AgentError, OSError, ValueError, KeyError, TypeError):
         return False
+    _record_signature(paths, release_id)
     return True
 
 
@@ -461,7 +521,7 @@ def activate(paths: Paths, release_id: str) -> Answer:
     target = paths.release(release_id)
     if not target.is_dir() or not (paths.meta / f"{release_id}.json").exists():
         raise AgentError(f"release {release_id} is not finalized on this node", "missing")
-    if not intact(paths, release_id):
+    if not intact(paths, release_id, full=True):
         raise AgentError(
             f"release {release_id} was altered on this node after it was finalized; upload it again", "integrity"
         )
@@ -510,6 +570,7 @@ def prune(paths: Paths, keep: int) -> Answer:
         if name not in protected and now - when > STAGING_STALE_SECONDS:
             remove_tree(paths.releases / name)
             (paths.meta / f"{name}.json").unlink(missing_ok=True)
+            _signature_file(paths, name).unlink(missing_ok=True)
             removed.append(name)
     return {"removed": removed + _prune_abandoned_uploads(paths, now)}
 
