@@ -654,6 +654,23 @@ def test_symlinks_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
     assert "is not a plain file" in _refused(lab.ssh("finalize", release_id))
 
 
+def test_hard_links_in_an_upload_are_refused(lab: Lab, tmp_path: Path):
+    """Only the node links files, and only between finalized releases; an upload's links are refused."""
+    same = b"<h1>the same bytes twice</h1>"
+    site = write_test_site(tmp_path / "site", {"index.html": b"<h1>links</h1>", "a.html": same, "b.html": same})
+
+    def link_pair(build: Path) -> None:
+        (build / "b.html").unlink()
+        os.link(build / "a.html", build / "b.html")
+
+    release = build_tree(site, tmp_path / "build")
+    link_pair(tmp_path / "build")
+    assert lab.agent("begin", release.release_id, stdin=release.manifest())["ok"] is True
+    result = lab.rsync("-rltH", f"{tmp_path / 'build'}/", f"NODE:{release.release_id}/")
+    assert result.returncode == 0, result.stderr
+    assert "is not a plain file" in _refused(lab.ssh("finalize", release.release_id))
+
+
 def test_site_config_the_web_server_would_reject_is_refused_before_activation(lab: Lab):
     from edgecdn.node.agent.common import AgentError, Paths
     from edgecdn.node.agent.webserver import validate
