@@ -40,6 +40,12 @@ def join_chain(parts: dict[str, str]) -> str:
     return "".join(part if part.endswith("\n") else part + "\n" for part in (parts["leaf"], parts["issuer"]))
 
 
+def route53_challenge(zone_id: str) -> acme.CertificateDnsChallengeArgsDict:
+    """DNS-01 through Route53, in the stack's hosted zone."""
+    # Route53's API lives in us-east-1 whatever region the deployer uses.
+    return {"provider": "route53", "config": {"AWS_HOSTED_ZONE_ID": zone_id, "AWS_REGION": "us-east-1"}}
+
+
 class SiteCertificate(pulumi.ComponentResource):
     """The certificate chain (public) and its private key (secret)."""
 
@@ -89,13 +95,7 @@ class SiteCertificate(pulumi.ComponentResource):
             # the lifetime. A user's fixed value still wins.
             min_days_remaining=args.min_days_remaining,
             min_days_dynamic=True if args.min_days_remaining is None else None,
-            dns_challenges=[
-                {
-                    "provider": "route53",
-                    # Route53's API lives in us-east-1 whatever region the deployer uses.
-                    "config": {"AWS_HOSTED_ZONE_ID": args.zone_id, "AWS_REGION": "us-east-1"},
-                }
-            ],
+            dns_challenges=[route53_challenge(args.zone_id)],
             # The CAA record goes first: a CA refusal then shows before a rate-limited order.
             opts=pulumi.ResourceOptions(
                 parent=self,

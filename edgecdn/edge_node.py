@@ -66,9 +66,9 @@ def split_cidrs(cidrs: Sequence[str]) -> tuple[list[str], list[str]]:
     return [c for c in cidrs if ":" not in c], v6
 
 
-def lightsail_port_infos(ssh_cidrs: Sequence[str]) -> list[Any]:
+def lightsail_port_infos(ssh_cidrs: Sequence[str]) -> list[aws.lightsail.InstancePublicPortsPortInfoArgsDict]:
     """Lightsail public ports: web to everyone, SSH only from the allowed blocks, both families explicit."""
-    infos: list[dict[str, Any]] = [
+    infos: list[aws.lightsail.InstancePublicPortsPortInfoArgsDict] = [
         {"protocol": proto, "from_port": port, "to_port": port, "cidrs": [ANYWHERE_V4], "ipv6_cidrs": [ANYWHERE_V6]}
         for proto, port in WEB_PORTS
     ]
@@ -77,9 +77,9 @@ def lightsail_port_infos(ssh_cidrs: Sequence[str]) -> list[Any]:
     return infos
 
 
-def security_group_ingress(ssh_cidrs: Sequence[str]) -> list[Any]:
+def security_group_ingress(ssh_cidrs: Sequence[str]) -> list[aws.ec2.SecurityGroupIngressArgsDict]:
     """EC2 ingress rules: web to everyone, SSH only from the allowed blocks."""
-    rules: list[dict[str, Any]] = [
+    rules: list[aws.ec2.SecurityGroupIngressArgsDict] = [
         {
             "protocol": proto,
             "from_port": port,
@@ -102,6 +102,36 @@ def security_group_ingress(ssh_cidrs: Sequence[str]) -> list[Any]:
         }
     )
     return rules
+
+
+# Outbound for package updates and the Caddy download.
+EGRESS_ANYWHERE: aws.ec2.SecurityGroupEgressArgsDict = {
+    "protocol": "-1",
+    "from_port": 0,
+    "to_port": 0,
+    "cidr_blocks": [ANYWHERE_V4],
+    "ipv6_cidr_blocks": [ANYWHERE_V6],
+    "description": "package updates",
+}
+IMDS_V2_ONLY: aws.ec2.InstanceMetadataOptionsArgsDict = {
+    "http_tokens": "required",
+    "http_endpoint": "enabled",
+    "http_put_response_hop_limit": 1,
+}
+ENCRYPTED_ROOT: aws.ec2.InstanceRootBlockDeviceArgsDict = {
+    "volume_type": "gp3",
+    "volume_size": 8,
+    "encrypted": True,
+    "delete_on_termination": True,
+}
+
+
+def ami_filters(backend: str) -> list[aws.ec2.GetAmiFilterArgsDict]:
+    """The official Debian image for a backend's architecture."""
+    return [
+        {"name": "name", "values": [NODE_IMAGE[backend]]},
+        {"name": "architecture", "values": [NODE_ARCH[backend].replace("amd64", "x86_64")]},
+    ]
 
 
 def node_user_data(
@@ -249,10 +279,7 @@ class EdgeNode(pulumi.ComponentResource):
             most_recent=True,
             owners=[DEBIAN_AMI_OWNER],
             region=spec.region,
-            filters=[
-                {"name": "name", "values": [NODE_IMAGE[spec.backend]]},
-                {"name": "architecture", "values": [NODE_ARCH[spec.backend].replace("amd64", "x86_64")]},
-            ],
+            filters=ami_filters(spec.backend),
             opts=pulumi.InvokeOutputOptions(parent=self),
         )
         firewall = aws.ec2.SecurityGroup(
@@ -260,16 +287,7 @@ class EdgeNode(pulumi.ComponentResource):
             region=spec.region,
             description=f"edgecdn node {spec.name}: web from anywhere, ssh from allowed blocks",
             ingress=security_group_ingress(args.ssh_allowed_cidrs),
-            egress=[
-                {
-                    "protocol": "-1",
-                    "from_port": 0,
-                    "to_port": 0,
-                    "cidr_blocks": [ANYWHERE_V4],
-                    "ipv6_cidr_blocks": [ANYWHERE_V6],
-                    "description": "package updates",
-                }
-            ],
+            egress=[EGRESS_ANYWHERE],
             tags=tags,
             opts=child,
         )
@@ -283,13 +301,8 @@ class EdgeNode(pulumi.ComponentResource):
             associate_public_ip_address=True,
             user_data_base64=user_data.apply(user_data_base64),
             user_data_replace_on_change=True,
-            metadata_options={"http_tokens": "required", "http_endpoint": "enabled", "http_put_response_hop_limit": 1},
-            root_block_device={
-                "volume_type": "gp3",
-                "volume_size": 8,
-                "encrypted": True,
-                "delete_on_termination": True,
-            },
+            metadata_options=IMDS_V2_ONLY,
+            root_block_device=ENCRYPTED_ROOT,
             tags={**tags, "Name": f"edgecdn-{spec.name}"},
             # A newer Debian image must not replace a running node; unattended upgrades patch it.
             # A new size replaces the instance (seeded, then moved to) instead of the provider's

@@ -45,6 +45,11 @@ def health_check_name(target: LatencyTarget, family: str) -> str:
     return target.name if family == "A" else f"{target.name}-ipv6"
 
 
+def latency_policy(region: str) -> aws.route53.RecordLatencyRoutingPolicyArgsDict:
+    """Route53 answers with this record for resolvers nearest this AWS region."""
+    return {"region": region}
+
+
 class LatencyDNS(pulumi.ComponentResource):
     """Per node and address family a health check; per node, name and family a latency record.
 
@@ -89,7 +94,7 @@ class LatencyDNS(pulumi.ComponentResource):
                         ttl=TTL,
                         records=[address],
                         set_identifier=set_identifier(target),
-                        latency_routing_policies=[{"region": target.region}],
+                        latency_routing_policies=[latency_policy(target.region)],
                         health_check_id=check.id,
                         opts=child,
                     )
