@@ -122,6 +122,9 @@ def content_mtime(sha256: str) -> int:
 LEASE_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 LEASE_PREFIX = "lease="
 MAX_LEASE_SECONDS = 900
+# However often it is renewed, one deployer holds a node at most this long in a row: a stuck or
+# hostile loop of renewals cannot keep every other deploy out.
+MAX_LEASE_HOLD_SECONDS = 3600
 
 
 # ---------------------------------------------------------------- certificates

@@ -205,6 +205,20 @@ def test_a_deploy_lease_turns_a_second_deployer_away_until_it_ends(node, monkeyp
     assert remote(node, "rollback")[1]["error"] == "missing", "no lease, no waiting"
 
 
+def test_renewing_a_lease_cannot_hold_a_node_forever(node, monkeypatch):
+    holder, other = "d" * 32, "e" * 32
+    real_time = time.time
+    for minutes in range(0, 50, 5):  # a renewal every five minutes keeps it for the hour
+        monkeypatch.setattr(protocol.time, "time", lambda m=minutes: real_time() + 60 * m)
+        assert remote(node, f"lease={holder} lease 600")[0] == ExitCode.OK
+    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3300)
+    code, answer = remote(node, f"lease={holder} lease 600")
+    assert code == ExitCode.BUSY and "may not run past 3600 s" in answer["message"]
+    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3600)
+    assert remote(node, f"lease={other} lease 60")[0] == ExitCode.OK, "then another deploy gets the node"
+    monkeypatch.undo()
+
+
 def test_a_lease_needs_a_token_and_a_bounded_length(node):
     assert "needs a token" in remote(node, "lease 60")[1]["message"]
     assert "at most 900" in remote(node, f"lease={'c' * 32} lease 901")[1]["message"]

@@ -32,6 +32,7 @@ from edgecdn.contract import (
     LEASE_PREFIX,
     LEASE_TOKEN,
     MAX_CERT_BYTES,
+    MAX_LEASE_HOLD_SECONDS,
     MAX_LEASE_SECONDS,
     MAX_MANIFEST_BYTES,
     RELEASE_ID,
@@ -134,7 +135,13 @@ def _take_lease(request: Request) -> Answer:
         raise AgentError(f"lease: {seconds} is not {SECONDS_ARG.expected}")
     now = time.time()
     previous = current_lease(request.paths)
-    since = previous["since"] if previous else now
+    since = float(previous["since"]) if previous else now
+    if now + seconds - since > MAX_LEASE_HOLD_SECONDS:
+        raise AgentError(
+            f"this deploy has held the node for {now - since:.0f} s; a lease may not run past "
+            f"{MAX_LEASE_HOLD_SECONDS} s in a row, so other deploys get their turn (unlease, then lease again)",
+            "busy",
+        )
     lease = {"token": _token_digest(request.lease), "client": request.client, "since": since, "expires": now + seconds}
     atomic_write(_lease_file(request.paths), json.dumps(lease).encode(), 0o644)
     # The status comes along, so a deploy starts with one exchange instead of two.
