@@ -211,10 +211,10 @@ def test_renewing_a_lease_cannot_hold_a_node_forever(node, monkeypatch):
     for minutes in range(0, 50, 5):  # a renewal every five minutes keeps it for the hour
         monkeypatch.setattr(protocol.time, "time", lambda m=minutes: real_time() + 60 * m)
         assert remote(node, f"lease={holder} lease 600")[0] == ExitCode.OK
-    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3300)
+    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3200)
     code, answer = remote(node, f"lease={holder} lease 600")
     assert code == ExitCode.BUSY and "may not run past 3600 s" in answer["message"]
-    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3600)
+    monkeypatch.setattr(protocol.time, "time", lambda: real_time() + 3301)
     assert remote(node, f"lease={other} lease 60")[0] == ExitCode.OK, "then another deploy gets the node"
     monkeypatch.undo()
 
