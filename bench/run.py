@@ -99,7 +99,9 @@ def _phase_rtts(stderr: str, far: str, rtt_s: float) -> dict[str, float]:
     return {k: round(v, 1) for k, v in phases.items()}
 
 
-def site_sync(command: list[str], handoff: str, relays: list[Relay], far: str, env: dict[str, str]) -> Measure:
+def site_sync(
+    command: list[str], handoff: str, relays: list[Relay], far: str, env: dict[str, str], log: Path | None = None
+) -> Measure:
     """One site_sync command (a process, as `pulumi up` runs it), timed, its wire bytes counted."""
     _wire(relays)
     started = time.perf_counter()
@@ -108,6 +110,8 @@ def site_sync(command: list[str], handoff: str, relays: list[Relay], far: str, e
         input=handoff, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800, check=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    if log is not None:
+        log.write_text(f"{seconds:.2f} s\n{result.stderr}")
     if result.returncode != 0:
         raise SystemExit(f"site_sync {command[0]} failed:\n{result.stderr[-3000:]}")
     return Measure(seconds, _wire(relays), _phase_rtts(result.stderr, far, max(RTTS_MS) / 1000))
@@ -174,6 +178,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--big-site-files", type=int, default=100_000)
     parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--logs", type=Path, help="keep each site_sync run's progress lines in this directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgecdn-bench-"))
     relays = RelayThread()
@@ -218,11 +223,19 @@ def main() -> None:
         env = {**os.environ, "EDGECDN_CACHE_DIR": str(work / "cache")}
 
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        runs = {
+            "(a) first deploy": (["deploy"], site_v1),
+            "(b) one HTML file changed": (["deploy"], site_v2),
+            "(c) nothing changed": (["deploy"], site_v2),
+            "(d) rollback": (["rollback"], site_v2),
+        }
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
         ours = {
-            "(a) first deploy": site_sync(["deploy"], handoff(site_v1), ssh_relays, far, env),
-            "(b) one HTML file changed": site_sync(["deploy"], handoff(site_v2), ssh_relays, far, env),
-            "(c) nothing changed": site_sync(["deploy"], handoff(site_v2), ssh_relays, far, env),
-            "(d) rollback": site_sync(["rollback"], handoff(site_v2), ssh_relays, far, env),
+            case: site_sync(
+                command, handoff(site), ssh_relays, far, env, args.logs / f"{case[1]}.log" if args.logs else None
+            )
+            for case, (command, site) in runs.items()
         }
         peak_mb = max(children_before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
         theirs = {
@@ -251,7 +264,7 @@ def main() -> None:
         first = ours["(a) first deploy"].seconds
         lines.append(f"\n(a) against one plain rsync to the slowest node: {first / single.seconds:.2f}x its time")
         lines.append(f"site_sync peak memory (largest child process): {peak_mb:.0f} MB")
-        for name, value in big_site_figures(work, args.big_site_files).items():
+        for name, value in (big_site_figures(work, args.big_site_files) if args.big_site_files else {}).items():
             lines.append(f"{args.big_site_files}-file site: {name}: {value}")
         report = "\n".join(lines)
         print(report)
