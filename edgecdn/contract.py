@@ -69,6 +69,37 @@ MAX_CERT_BYTES = 64 << 10
 MIN_CERT_DAYS_LEFT = 7
 KEEP_RANGE = range(2, 100)
 
+# ---------------------------------------------------------------- files sent with finalize
+
+# A deploy that changes little sends the files a node lacks with its `finalize` request, in the
+# same exchange, instead of an rsync session (several round trips more). Each file is a line
+# "<size> <path>\n" followed by exactly <size> bytes; paths are manifest paths, which never
+# hold a newline.
+MAX_INLINE_BYTES = 16 << 20
+_INLINE_HEADER = re.compile(rb"^([0-9]{1,10}) ([^\n]+)$")
+
+
+def pack_inline(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """Files as `finalize` takes them on its standard input."""
+    return b"".join(f"{len(data)} {path}\n".encode() + data for path, data in files)
+
+
+def unpack_inline(data: bytes) -> list[tuple[str, bytes]]:
+    """The (path, bytes) pairs of `pack_inline`'s output; ValueError naming what is malformed."""
+    files, at = [], 0
+    while at < len(data):
+        end = data.find(b"\n", at, at + MAX_PATH_BYTES + 16)
+        header = _INLINE_HEADER.match(data[at:end]) if end >= 0 else None
+        if header is None:
+            raise ValueError(f"malformed file header at byte {at}")
+        size, path = int(header.group(1)), header.group(2).decode("utf-8")
+        if end + 1 + size > len(data):
+            raise ValueError(f"{path[:80]!r} is cut short")
+        files.append((path, data[end + 1 : end + 1 + size]))
+        at = end + 1 + size
+    return files
+
+
 # ---------------------------------------------------------------- the release id
 
 

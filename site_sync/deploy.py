@@ -2,17 +2,19 @@
 
 A deploy, in named phases (Capistrano's, with a plan first):
   gather    every node in parallel: wait for it (a new node may still be booting), take its
-            deploy lease (a second deploy is told "busy"), read its status;
+            deploy lease (a second deploy is told "busy"), read its status, and send it the
+            manifest, to which it answers which files it lacks (it links what it already
+            holds itself) - one exchange;
   plan      one pure plan for the fleet (site_sync.plan), printed; --dry-run stops here;
-  stage     every node in parallel: `begin` with the manifest answers which files the node
-            lacks (it copies what it already holds itself), only those travel (rsync over
-            the node's one SSH connection), `finalize` verifies them; the certificate is
-            installed where its leaf differs;
-  activate  only when enough nodes staged (all, or --min-nodes); a node that cannot switch
-            makes the ones that did switch go back, so all nodes serve one release;
-  verify    each node's health marker over HTTPS must name the new release;
-  prune     old releases go, on all nodes at once, after the switch.
-A rollback is activate + verify to a release every node holds.
+  stage     every node in parallel: only the files it lacks travel, with `finalize` itself
+            when they are few (one exchange), else by rsync over the node's one SSH
+            connection first; `finalize` verifies them; the certificate is installed where
+            its leaf differs;
+  publish   only when enough nodes staged (all, or --min-nodes): each node switches, prunes
+            old releases and ends the lease in one exchange; a node that cannot switch makes
+            the ones that did switch go back, so all nodes serve one release;
+  verify    each node's health marker over HTTPS must name the new release.
+A rollback is publish + verify to a release every node holds.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgecdn.contract import NodeStatus, leaf_fingerprint
+from edgecdn.contract import MAX_INLINE_BYTES, NodeStatus, leaf_fingerprint, pack_inline
 from site_sync.build import Release, prepare_release
 from site_sync.cache import open_cache
 from site_sync.handoff import Handoff, NodeTarget
@@ -141,6 +143,8 @@ class Fleet:
     lease: str | None
     progress: Progress
     agents: dict[str, Agent] = field(default_factory=dict)
+    needed: dict[str, list[str]] = field(default_factory=dict)  # from the gather, per node
+    released: set[str] = field(default_factory=set)  # nodes whose lease `publish` ended
 
     def agent(self, node: NodeTarget) -> Agent:
         """The node's agent (one connection per node for the whole command)."""
@@ -152,13 +156,17 @@ class Fleet:
         """Run an action on a node, retrying transport failures with backoff."""
         return with_retries(action, f"{node.name}: {what}", self.progress.log)
 
-    def gather(self, wait_seconds: float) -> dict[str, NodeStatus]:
-        """Every node's status (after taking its lease); DeployError naming each node that failed."""
+    def gather(self, wait_seconds: float, begin: tuple[str, bytes] | None = None) -> dict[str, NodeStatus]:
+        """Every node's status (after taking its lease); DeployError naming each node that failed.
+
+        With `begin` (a release id and its manifest), each node also begins the upload and
+        answers which files it lacks (kept in `needed`).
+        """
 
         def one(node: NodeTarget) -> NodeStatus:
             self.progress.node(node.name, "connecting")
             agent = self.agent(node)
-            status = self._leased_status(agent) if self.lease else None
+            status = self._leased_status(agent, begin) if self.lease else None
             if status is None:
                 # A new node may still be booting: wait for it, then take the lease.
                 status = agent.wait_until_ready(wait_seconds, self.progress.log)
@@ -175,16 +183,23 @@ class Fleet:
             )
         return statuses
 
-    def _leased_status(self, agent: Agent) -> NodeStatus | None:
+    def _leased_status(self, agent: Agent, begin: tuple[str, bytes] | None) -> NodeStatus | None:
         """Take the lease and read the status in one exchange; None when the node is not up yet."""
+        words: tuple[str, ...] = ("lease", str(LEASE_SECONDS))
+        manifest = b""
+        if begin is not None:
+            words, manifest = (*words, begin[0]), begin[1]
         try:
-            answer = agent.call("lease", str(LEASE_SECONDS))
+            answer = agent.call(*words, stdin=manifest)
         except TransportError:
             return None
         except AgentRefusedError as exc:
-            if exc.code == "busy":
+            if exc.code == "busy" or (begin is not None and exc.code != "refused"):
                 raise
             return None  # a booting node's bootstrap agent takes only status and its bundle
+        upload = answer.get("upload")
+        if isinstance(upload, dict) and isinstance(upload.get("needed"), list):
+            self.needed[agent.node.name] = [str(p) for p in upload["needed"]]
         return agent.status({"ok": True, **answer.get("status", {})})
 
     def release_leases(self) -> None:
@@ -192,7 +207,7 @@ class Fleet:
 
         def one(node: NodeTarget) -> None:
             agent = self.agents[node.name]
-            if self.lease:
+            if self.lease and node.name not in self.released:
                 with suppress(TransportError, AgentRefusedError):
                     agent.call("unlease", timeout=30)
             agent.close()
@@ -241,7 +256,8 @@ def deploy(
     certificate = (normalize_pem(handoff.certificate_key) + chain).encode()
     report = Report("seed" if options.seed else "deploy", release.release_id)
     with fleet(handoff, progress) as nodes, tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir:
-        statuses = nodes.gather(options.wait_seconds)
+        begin = None if options.dry_run else (release.release_id, release.manifest())
+        statuses = nodes.gather(options.wait_seconds, begin)
         for name, status in statuses.items():
             report.nodes[name] = NodeReport(name, before=status["active"], after=status["active"])
         try:
@@ -266,10 +282,9 @@ def deploy(
             progress.log(f"every node already serves {release.release_id} with this certificate; nothing to do")
             return report
         _stage(nodes, plan, release, certificate, Path(upload_dir), report)
-        _activate(nodes, plan, release.release_id, report)
+        _publish(nodes, plan, release.release_id, report)
         touched = tuple(p.node for p in plan.nodes if report.nodes[p.node.name].error is None)
         _verify(nodes, touched, release.release_id, options.ca_file, report)
-        _prune(nodes, touched)
     if any(n.error for n in report.nodes.values()):
         report.outcome = "partial"
     return report
@@ -286,17 +301,25 @@ def _stage(
         agent = nodes.agent(node)
         if node_plan.upload:
             nodes.progress.node(node.name, "comparing")
-            answer = nodes.retried(node, "begin", lambda: agent.call("begin", release.release_id, stdin=manifest))
-            needed = [str(p) for p in answer.get("needed", [])]
-            if needed:
+            needed = nodes.needed.get(node.name)
+            if needed is None:  # a node that was still booting at the gather
+                answer = nodes.retried(node, "begin", lambda: agent.call("begin", release.release_id, stdin=manifest))
+                needed = [str(p) for p in answer.get("needed", [])]
+            inline = b""
+            if sum(sizes[p] for p in needed) <= MAX_INLINE_BYTES:
+                # Few bytes: they go with finalize itself, one exchange instead of an rsync session.
+                inline = pack_inline((p, release.sources[p].read_bytes()) for p in needed)
+            elif needed:
                 nodes.progress.node(node.name, f"uploading {len(needed)} files")
                 source = upload_dir / node.name
                 release.link_tree(needed, source)
                 nodes.retried(node, "upload", lambda: agent.upload(source, release.release_id, needed))
             report.nodes[node.name].files_sent = len(needed)
             report.nodes[node.name].bytes_sent = sum(sizes[p] for p in needed)
-            nodes.progress.node(node.name, "verifying")
-            nodes.retried(node, "finalize", lambda: agent.call("finalize", release.release_id, timeout=600))
+            nodes.progress.node(node.name, f"verifying ({len(needed)} files sent)" if inline else "verifying")
+            nodes.retried(
+                node, "finalize", lambda: agent.call("finalize", release.release_id, stdin=inline, timeout=600)
+            )
         if node_plan.install_certificate:
             nodes.retried(node, "install-cert", lambda: agent.call("install-cert", stdin=certificate))
             report.nodes[node.name].certificate_installed = True
@@ -317,16 +340,24 @@ def _stage(
         nodes.progress.log(f"{staged} of {len(plan.nodes)} nodes staged (at least {plan.required} required); going on")
 
 
-def _activate(nodes: Fleet, plan: FleetPlan, release_id: str, report: Report) -> None:
+def _publish(nodes: Fleet, plan: FleetPlan, release_id: str, report: Report) -> None:
+    """Switch every node that staged (switch, prune and end the lease in one exchange each)."""
     switching = tuple(p.node for p in plan.nodes if p.activate and report.nodes[p.node.name].error is None)
 
-    def activate(node: NodeTarget) -> None:
+    def publish(node: NodeTarget) -> None:
         nodes.progress.node(node.name, "activating")
-        nodes.retried(node, "activate", lambda: nodes.agent(node).call("activate", release_id))
+        answer = nodes.retried(
+            node, "publish", lambda: nodes.agent(node).call("publish", release_id, str(KEEP_RELEASES))
+        )
+        nodes.released.add(node.name)
         report.nodes[node.name].after = release_id
         nodes.progress.node(node.name, f"serves {release_id}")
+        if "prune_error" in answer:
+            nodes.progress.log(
+                f"{node.name}: pruning old releases failed ({answer['prune_error']}); the next deploy tries again"
+            )
 
-    _, errors = _parallel(activate, switching)
+    _, errors = _parallel(publish, switching)
     if not errors:
         return
     for name, exc in errors.items():
@@ -386,15 +417,6 @@ def _verify(
     nodes.progress.log(f"all {len(touched)} nodes healthy over HTTPS as {domain}, serving {release_id}")
 
 
-def _prune(nodes: Fleet, touched: tuple[NodeTarget, ...]) -> None:
-    def prune(node: NodeTarget) -> None:
-        nodes.agent(node).call("prune", str(KEEP_RELEASES))
-
-    _, errors = _parallel(prune, touched)
-    for name, exc in errors.items():
-        nodes.progress.log(f"{name}: pruning old releases failed ({exc}); the next deploy tries again")
-
-
 def rollback(
     handoff: Handoff, to: str | None, options: DeployOptions = DeployOptions(), progress: Progress | None = None
 ) -> Report:
@@ -415,7 +437,7 @@ def rollback(
             report.outcome = "dry-run"
             return report
         fleet_plan = FleetPlan(plan.target, plan.nodes, (), len(plan.nodes))
-        _activate(nodes, fleet_plan, plan.target, report)
+        _publish(nodes, fleet_plan, plan.target, report)
         _verify(nodes, handoff.nodes, plan.target, options.ca_file, report)
     return report
 

@@ -266,3 +266,49 @@ def test_a_sibling_pair_proved_once_is_not_decompressed_again_and_a_new_one_is(n
     code, answer = _stage_and_finalize(node, forged)
     assert code == ExitCode.REFUSED and "is not a compression of 'index.html'" in answer["message"]
     assert calls == ["index.html.br"]
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="finalize validates the site config with caddy")
+def test_files_sent_with_finalize_make_a_release_in_one_exchange(node):
+    from edgecdn.contract import pack_inline
+
+    files = {"index.html": b"<h1>inline</h1>", "a/b.css": b"b{}"}
+    release, manifest = _release(files)
+    token = "f" * 32
+    code, answer = remote(node, f"lease={token} lease 60 {release}", stdin=manifest)
+    assert code == ExitCode.OK and sorted(answer["upload"]["needed"]) == sorted(files), answer
+    code, answer = remote(node, f"lease={token} finalize {release}", stdin=pack_inline(files.items()))
+    assert code == ExitCode.OK and answer["finalized"] is True, answer
+    assert remote(node, "status")[1]["releases"] == [release], "publishing it is pinned against a lab node"
+
+
+@pytest.mark.parametrize(
+    ("sent", "problem"),
+    [
+        ([("../escape.html", b"x")], "is not in the manifest"),
+        ([("/etc/passwd", b"x")], "is not in the manifest"),
+        ([("other.html", b"x")], "is not in the manifest"),
+        ([("index.html", b"<h1>one</h1>"), ("index.html", b"<h1>one</h1>")], "was sent twice"),
+        ([("index.html", b"<h1>forged</h1>")], "does not match the manifest"),
+    ],
+)
+def test_files_sent_with_finalize_are_held_to_the_manifest(node, sent, problem):
+    from edgecdn.contract import pack_inline
+
+    release, manifest = _release({"index.html": b"<h1>one</h1>"})
+    assert remote(node, f"begin {release}", stdin=manifest)[0] == ExitCode.OK
+    code, answer = remote(node, f"finalize {release}", stdin=pack_inline(sent))
+    assert code == ExitCode.REFUSED and problem in answer["message"], answer
+    root = Path(json.loads(node.read_text())["root"])
+    assert not (root / "escape.html").exists() and not (root / "releases" / release).exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"12 index.html\nshort", b"x index.html\n", b"5 \n12345", b"99999999999 index.html\n", b"4 \xff\xfe\nabcd", b"\n"],
+)
+def test_malformed_files_sent_with_finalize_get_a_refusal(node, data):
+    release, manifest = _release({"index.html": b"<h1>one</h1>"})
+    assert remote(node, f"begin {release}", stdin=manifest)[0] == ExitCode.OK
+    code, answer = remote(node, f"finalize {release}", stdin=data)
+    assert code == ExitCode.REFUSED and ("malformed" in answer["message"] or "cut short" in answer["message"]), answer

@@ -869,8 +869,8 @@ def test_a_node_with_the_wrong_host_key_stops_the_deploy_before_anything_changes
 
 def test_failed_staging_switches_no_node_and_a_rerun_completes(lab: Lab, sites, tmp_path: Path):
     site = write_test_site(tmp_path / "staging-fails", {"index.html": b"<h1>staging fails on lab-2</h1>"})
-    staging = lab.node_dir(1) / "srv" / "staging"
-    aside = staging.with_name("staging-aside")
+    staging = lab.node_dir(1) / "srv" / "verifying"  # where finalize checks an upload
+    aside = staging.with_name("verifying-aside")
     staging.rename(aside)
     staging.write_text("a file where a directory belongs: lab-2 cannot stage anything (even as root)")
     try:
@@ -1045,6 +1045,21 @@ def test_a_one_page_change_sends_only_that_page_and_keeps_every_other_etag(lab: 
         assert lab.get("/", n).body.startswith(b"<!doctype html><h1>version two")
 
 
+def test_a_change_too_large_to_send_with_finalize_travels_by_rsync(lab: Lab, versions, tmp_path, monkeypatch):
+    import site_sync.deploy
+
+    _deploy(lab, versions["one"])
+    three = tmp_path / "three"
+    shutil.copytree(versions["one"], three)
+    (three / "index.html").write_bytes(b"<!doctype html><h1>version three</h1>" * 20)
+    monkeypatch.setattr(site_sync.deploy, "MAX_INLINE_BYTES", 0)  # every change counts as large
+    progress = LinesProgress()
+    report = deploy(lab_module.handoff_for(lab.description, three), three, DeployOptions(ca_file=lab.ca), progress)
+    assert report.outcome == "ok" and all(n.files_sent == 3 for n in report.nodes.values()), report
+    assert any("uploading 3 files" in line for line in progress.lines), progress.lines
+    assert lab.get("/").body.startswith(b"<!doctype html><h1>version three")
+
+
 def test_a_redeploy_of_what_every_node_holds_sends_nothing(lab: Lab, versions):
     report = _deploy(lab, versions["one"])
     assert report.outcome == "ok" and all(n.files_sent == 0 for n in report.nodes.values())
@@ -1091,8 +1106,8 @@ def test_status_rollback_and_disagreement_from_the_command_line(lab: Lab, versio
 
 def test_min_nodes_switches_the_nodes_that_staged_and_reports_the_rest(lab: Lab, tmp_path: Path):
     site = write_test_site(tmp_path / "three", {"index.html": b"<h1>three</h1>"})
-    staging = lab.node_dir(1) / "srv" / "staging"
-    aside = staging.with_name("staging-aside")
+    staging = lab.node_dir(1) / "srv" / "verifying"  # where finalize checks an upload
+    aside = staging.with_name("verifying-aside")
     staging.rename(aside)
     staging.write_text("lab-2 cannot stage")
     try:

@@ -32,6 +32,7 @@ from edgecdn.contract import (
     LEASE_PREFIX,
     LEASE_TOKEN,
     MAX_CERT_BYTES,
+    MAX_INLINE_BYTES,
     MAX_LEASE_HOLD_SECONDS,
     MAX_LEASE_SECONDS,
     MAX_MANIFEST_BYTES,
@@ -77,6 +78,7 @@ class Verb:
     args: tuple[Arg, ...] = ()
     optional: int = 0  # how many of the trailing args may be left out
     stdin_limit: int = 0  # bytes of standard input the verb reads; 0: it reads none
+    stdin_from_args: int = 0  # it reads standard input only when given at least this many args
     changes_state: bool = True  # runs under the node's lock
     local_only: bool = False  # never reachable with the deploy key
 
@@ -86,6 +88,10 @@ class Verb:
         optional = [f"[{a.name}]" for a in self.args[len(self.args) - self.optional :]]
         stdin = " < input" if self.stdin_limit else ""
         return " ".join([name, *required, *optional]) + stdin
+
+    def reads_stdin(self, args: tuple[str, ...]) -> bool:
+        """Whether this request comes with standard input."""
+        return self.stdin_limit > 0 and len(args) >= self.stdin_from_args
 
 
 RELEASE_ARG = Arg("ID", RELEASE_ID, f"a release id ({RELEASE_ID_FORM})")
@@ -144,13 +150,28 @@ def _take_lease(request: Request) -> Answer:
         )
     lease = {"token": _token_digest(request.lease), "client": request.client, "since": since, "expires": now + seconds}
     atomic_write(_lease_file(request.paths), json.dumps(lease).encode(), 0o644)
-    # The status comes along, so a deploy starts with one exchange instead of two.
-    return {"lease": "held", "expires_in": seconds, "status": dict(status(request.paths))}
+    # The status comes along, and with a release id and its manifest the upload is begun too,
+    # so a deploy learns what each node lacks in its first exchange.
+    answer: Answer = {"lease": "held", "expires_in": seconds}
+    if len(request.args) > 1:
+        answer["upload"] = store.begin(request.paths, request.args[1], request.stdin)
+    return {**answer, "status": dict(status(request.paths))}
 
 
 def _drop_lease(request: Request) -> Answer:
     _lease_file(request.paths).unlink(missing_ok=True)
     return {"lease": "released"}
+
+
+def _publish(request: Request) -> Answer:
+    """Serve a release, then prune and end the lease: a deploy's last exchange with a node."""
+    answer = store.activate(request.paths, request.args[0])
+    try:
+        answer["removed"] = store.prune(request.paths, int(request.args[1]))["removed"]
+    except (AgentError, OSError) as exc:  # the switch stands; the next deploy prunes again
+        answer["prune_error"] = str(exc)[:300]
+    _lease_file(request.paths).unlink(missing_ok=True)
+    return {**answer, "lease": "released"}
 
 
 def status(paths: Paths) -> NodeStatus:
@@ -184,11 +205,17 @@ VERBS: dict[str, Verb] = {
         stdin_limit=MAX_MANIFEST_BYTES,
     ),
     "finalize": Verb(
-        "check the uploaded release against its manifest and keep it, read-only",
-        lambda r: store.finalize(r.paths, r.args[0]),
+        "check the uploaded release (and the files sent on stdin, if any) against its manifest; keep it, read-only",
+        lambda r: store.finalize(r.paths, r.args[0], r.stdin),
         args=(RELEASE_ARG,),
+        stdin_limit=MAX_INLINE_BYTES,
     ),
     "activate": Verb("serve a finalized release", lambda r: store.activate(r.paths, r.args[0]), args=(RELEASE_ARG,)),
+    "publish": Verb(
+        "serve a finalized release, keep the newest N releases and end this deploy's lease",
+        _publish,
+        args=(RELEASE_ARG, KEEP_ARG),
+    ),
     "rollback": Verb("serve the previous release again", lambda r: store.rollback(r.paths)),
     "prune": Verb(f"keep the newest N releases (default {DEFAULT_KEEP})", _prune, args=(KEEP_ARG,), optional=1),
     "install-cert": Verb(
@@ -197,9 +224,13 @@ VERBS: dict[str, Verb] = {
         stdin_limit=MAX_CERT_BYTES,
     ),
     "lease": Verb(
-        f"hold the node for one deploy (needs {LEASE_PREFIX}TOKEN first); others get 'busy' until it ends",
+        f"hold the node for one deploy (needs {LEASE_PREFIX}TOKEN first); others get 'busy' until it ends; "
+        "with a release id, also begin its upload (its manifest on stdin)",
         _take_lease,
-        args=(SECONDS_ARG,),
+        args=(SECONDS_ARG, RELEASE_ARG),
+        optional=1,
+        stdin_limit=MAX_MANIFEST_BYTES,
+        stdin_from_args=2,
     ),
     "unlease": Verb("end this deploy's lease", _drop_lease),
     "init": Verb("create the node's directories and first site config", lambda r: store.init(r.paths), local_only=True),
@@ -279,7 +310,7 @@ def dispatch(words: list[str], paths: Paths, stdin: BinaryIO, local: bool, clien
     """Check one request, read its input, and run it (under the lock and lease if it changes state)."""
     lease, words = split_lease(words)
     verb, args = check_request(words, local)
-    data = read_input(stdin, verb.stdin_limit) if verb.stdin_limit else b""
+    data = read_input(stdin, verb.stdin_limit) if verb.reads_stdin(args) else b""
     request = Request(paths, args, data, lease, client)
     if not verb.changes_state:
         return verb.run(request)

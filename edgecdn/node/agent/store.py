@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +45,7 @@ from edgecdn.contract import (
     health_body,
     is_reserved,
     release_id_of,
+    unpack_inline,
 )
 from edgecdn.node.agent import webserver
 from edgecdn.node.agent.common import AgentError, Answer, Paths, atomic_symlink, atomic_write, remove_tree, run
@@ -298,12 +300,14 @@ def init(paths: Paths) -> Answer:
     return {"initialized": str(paths.root)}
 
 
-def finalize(paths: Paths, release_id: str) -> Answer:
+def finalize(paths: Paths, release_id: str, inline: bytes = b"") -> Answer:
     """Check a staged upload against the manifest its `begin` recorded and make it an immutable release.
 
     The upload leaves the staging area (where rsync writes) before it is checked, so nothing
-    can change it between the check and the release. Every file then gets the modification
-    time its content determines, so ETags agree across nodes and deploys.
+    can change it between the check and the release. Files sent with the request itself
+    (`inline`, see contract.pack_inline) are written by the agent after that move, into a tree
+    already checked to hold only directories and regular files. Every file then gets the
+    modification time its content determines, so ETags agree across nodes and deploys.
     """
     target = paths.release(release_id)
     if target.exists():
@@ -315,21 +319,29 @@ def finalize(paths: Paths, release_id: str) -> Answer:
         files = cast(list[ManifestEntry], _upload(paths, release_id)["manifest"])
     except (OSError, ValueError, KeyError, TypeError):
         files = []
-    if not files or not staged.is_dir() or staged.is_symlink():
+    uploaded = staged.is_dir() and not staged.is_symlink()
+    if not files or not (uploaded or inline):
         raise AgentError(f"release {release_id} has not been uploaded (begin, rsync, then finalize)")
     paths.verifying.mkdir(exist_ok=True)
     checking = paths.verifying / release_id
     remove_tree(checking)
-    os.rename(staged, checking)
+    if uploaded:
+        os.rename(staged, checking)
+    else:
+        checking.mkdir()
     try:
         _check_structure(checking)
+        _write_inline(checking, files, inline)
         held, proven = _held_contents(paths), _proven_siblings(paths)
-        linked = _fill_from_held(checking, files, held)
+        with _keeping_signatures(paths):
+            linked = _fill_from_held(checking, files, held)
         verify_tree(checking, files, proven, linked)
         rules = compile_rules(checking)
-        # A rules file the web server would reject fails here, not at activation on every node.
+        # A rules file the web server would reject fails here, not at activation on every node
+        # (unless its config is the one the web server runs already).
         site = webserver.render_site(paths.layout, True, rules, True)
-        webserver.validate(paths, site, paths.cert.read_bytes(), paths.key.read_bytes(), "this site's rules")
+        if site.encode() != _read(paths.site_snippet):
+            webserver.validate(paths, site, paths.cert.read_bytes(), paths.key.read_bytes(), "this site's rules")
     except BaseException:
         remove_tree(checking)
         raise
@@ -359,7 +371,31 @@ def finalize(paths: Paths, release_id: str) -> Answer:
     _upload_record(paths, release_id).unlink(missing_ok=True)
     for dirpath, _, _ in os.walk(target, topdown=False):
         os.chmod(dirpath, 0o555)  # noqa: S103 - released files are public web content
+    # Every byte was checked just now, under the lock, out of any upload's reach.
+    atomic_write(_signature_file(paths, release_id), _signature(target).encode(), 0o644)
     return {"release": release_id, "finalized": True, "already": False, "files": len(files)}
+
+
+def _write_inline(tree: Path, files: list[ManifestEntry], inline: bytes) -> None:
+    """Write the files sent with `finalize` into the tree: manifest paths only, each once, never over a file."""
+    if not inline:
+        return
+    try:
+        sent = unpack_inline(inline)
+    except ValueError as exc:
+        raise AgentError(f"the files sent with finalize are malformed: {exc}") from None
+    listed = {e["path"] for e in files}
+    for rel, data in sent:
+        if rel not in listed:
+            raise AgentError(f"{rel[:200]!r} was sent but is not in the manifest")
+        target = tree / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            raise AgentError(f"{rel[:200]!r} was sent twice, or where the upload has something else") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def _upload_record(paths: Paths, release_id: str) -> Path:
@@ -374,9 +410,11 @@ def _upload(paths: Paths, release_id: str) -> dict[str, Any]:
 
 
 def _held_contents(paths: Paths) -> dict[str, Path]:
-    """Every file content this node already holds in a finalized release, by SHA-256."""
+    """Every file content this node holds in an intact finalized release, by SHA-256."""
     held: dict[str, Path] = {}
     for release in _release_names(paths.releases):
+        if not intact(paths, release):
+            continue  # an altered release lends nothing to a new one
         try:
             for rel, _, sha in _record(paths, release)["manifest"]:
                 held.setdefault(sha, paths.releases / release / rel)
@@ -490,20 +528,38 @@ def _record_signature(paths: Paths, release_id: str) -> None:
         _signature_file(paths, release_id).unlink(missing_ok=True)
 
 
-def intact(paths: Paths, release_id: str, full: bool = False) -> bool:
+def _signature_matches(paths: Paths, release_id: str) -> bool:
+    try:
+        return _signature_file(paths, release_id).read_text() == _signature(paths.release(release_id))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _keeping_signatures(paths: Paths) -> Iterator[None]:
+    """Around linking or deleting files: record again the signatures that held before.
+
+    Releases share files by hard links, and a link made or removed moves the shared file's
+    change time, which would send every release holding it to a full check for nothing.
+    """
+    valid = [r for r in _release_names(paths.releases) if _signature_matches(paths, r)]
+    yield
+    for release_id in valid:
+        if paths.release(release_id).is_dir():
+            atomic_write(_signature_file(paths, release_id), _signature(paths.release(release_id)).encode(), 0o644)
+
+
+def intact(paths: Paths, release_id: str) -> bool:
     """Whether a finalized release still holds exactly what was verified at finalize.
 
-    With `full` (before a release is served) every file is hashed. Otherwise (`status`) the
-    hashing is skipped when no file changed at all since the last full check: a change to any
-    file (its content, mode or time) changes its change time, which no client can set.
+    Every file is hashed, unless no file changed at all since every byte was last checked: a
+    change to any file (its content, mode or times) moves its change time, which nobody can
+    set back, so the release's signature (every file's inode, size, modification and change
+    time) then differs.
     """
     tree = paths.release(release_id)
-    if not full:
-        try:
-            if _signature_file(paths, release_id).read_text() == _signature(tree):
-                return True
-        except OSError:
-            pass
+    if _signature_matches(paths, release_id):
+        return True
     try:
         # Compressed siblings were proven at finalize; here every file's bytes are checked.
         files: list[ManifestEntry] = [
@@ -521,7 +577,7 @@ def activate(paths: Paths, release_id: str) -> Answer:
     target = paths.release(release_id)
     if not target.is_dir() or not (paths.meta / f"{release_id}.json").exists():
         raise AgentError(f"release {release_id} is not finalized on this node", "missing")
-    if not intact(paths, release_id, full=True):
+    if not intact(paths, release_id):
         raise AgentError(
             f"release {release_id} was altered on this node after it was finalized; upload it again", "integrity"
         )
@@ -566,12 +622,13 @@ def prune(paths: Paths, keep: int) -> Answer:
         reverse=True,
     )
     removed = []
-    for when, name in finalized[keep:]:
-        if name not in protected and now - when > STAGING_STALE_SECONDS:
-            remove_tree(paths.releases / name)
-            (paths.meta / f"{name}.json").unlink(missing_ok=True)
-            _signature_file(paths, name).unlink(missing_ok=True)
-            removed.append(name)
+    with _keeping_signatures(paths):
+        for when, name in finalized[keep:]:
+            if name not in protected and now - when > STAGING_STALE_SECONDS:
+                remove_tree(paths.releases / name)
+                (paths.meta / f"{name}.json").unlink(missing_ok=True)
+                _signature_file(paths, name).unlink(missing_ok=True)
+                removed.append(name)
     return {"removed": removed + _prune_abandoned_uploads(paths, now)}
 
 
