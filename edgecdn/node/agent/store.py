@@ -141,6 +141,24 @@ def _decompressed_sha256(path: Path, kind: str, limit: int) -> str | None:
     return digest.hexdigest() if size == limit else None
 
 
+def walk_files(tree: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry below a tree but directories, as (path relative to it, entry), names sorted.
+
+    Links are not followed. os.scandir with plain strings: a release has tens of thousands of
+    files, and every check of one walks them all.
+    """
+    pending = [("", str(tree))]
+    while pending:
+        prefix, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((rel + "/", entry.path))
+                else:
+                    yield rel, entry
+
+
 def verify_tree(
     tree: Path,
     files: list[ManifestEntry],
@@ -158,32 +176,27 @@ def verify_tree(
     """
     expected = {e["path"]: e for e in files}
     found = set()
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            rel = full.relative_to(tree).as_posix()
-            info = full.lstat()
-            if stat.S_ISDIR(info.st_mode):
+    for rel, item in walk_files(tree):
+        info = item.stat(follow_symlinks=False)
+        if not stat.S_ISREG(info.st_mode):
+            raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
+        entry = expected.get(rel)
+        if entry is None:
+            raise AgentError(f"{rel!r} is not in the manifest")
+        if info.st_size != entry["size"] or (rel not in held and file_sha256(Path(item.path)) != entry["sha256"]):
+            raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
+        if entry.get("derived") and rel not in held:
+            source = expected[rel.rpartition(".")[0]]
+            if (entry["sha256"], source["sha256"]) in proven:
+                found.add(rel)
                 continue
-            if not stat.S_ISREG(info.st_mode):
-                raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
-            entry = expected.get(rel)
-            if entry is None:
-                raise AgentError(f"{rel!r} is not in the manifest")
-            if info.st_size != entry["size"] or (rel not in held and file_sha256(full) != entry["sha256"]):
-                raise AgentError(f"{rel!r} does not match the manifest (incomplete or altered upload)")
-            if entry.get("derived") and rel not in held:
-                source = expected[rel.rpartition(".")[0]]
-                if (entry["sha256"], source["sha256"]) in proven:
-                    found.add(rel)
-                    continue
-                try:
-                    same = _decompressed_sha256(full, rel.rpartition(".")[2], source["size"]) == source["sha256"]
-                except (OSError, EOFError, brotli.error):
-                    same = False
-                if not same:
-                    raise AgentError(f"{rel!r} is not a compression of {source['path']!r}")
-            found.add(rel)
+            try:
+                same = _decompressed_sha256(Path(item.path), rel.rpartition(".")[2], source["size"]) == source["sha256"]
+            except (OSError, EOFError, brotli.error):
+                same = False
+            if not same:
+                raise AgentError(f"{rel!r} is not a compression of {source['path']!r}")
+        found.add(rel)
     missing = sorted(set(expected) - found)
     if missing:
         raise AgentError(f"{len(missing)} files are missing, e.g. {missing[0]!r}")
@@ -409,15 +422,16 @@ def _upload(paths: Paths, release_id: str) -> dict[str, Any]:
     return record
 
 
-def _held_contents(paths: Paths) -> dict[str, Path]:
-    """Every file content this node holds in an intact finalized release, by SHA-256."""
-    held: dict[str, Path] = {}
+def _held_contents(paths: Paths) -> dict[str, str]:
+    """Every file content this node holds in an intact finalized release, by SHA-256: its path."""
+    held: dict[str, str] = {}
     for release in _release_names(paths.releases):
         if not intact(paths, release):
             continue  # an altered release lends nothing to a new one
         try:
+            prefix = f"{paths.releases}/{release}/"
             for rel, _, sha in _record(paths, release)["manifest"]:
-                held.setdefault(sha, paths.releases / release / rel)
+                held.setdefault(sha, prefix + rel)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a release without a readable record offers nothing to reuse
     return held
@@ -425,12 +439,10 @@ def _held_contents(paths: Paths) -> dict[str, Path]:
 
 def _check_structure(tree: Path) -> None:
     """Only directories and regular, unlinked files: nothing that could redirect a write."""
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames + filenames:
-            info = (Path(dirpath) / name).lstat()
-            if not stat.S_ISDIR(info.st_mode) and not (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
-                rel = (Path(dirpath) / name).relative_to(tree).as_posix()
-                raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
+    for rel, item in walk_files(tree):
+        info = item.stat(follow_symlinks=False)
+        if not (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
+            raise AgentError(f"{rel!r} is not a plain file; releases hold regular, unlinked files only")
 
 
 def _proven_siblings(paths: Paths) -> frozenset[tuple[str, str]]:
@@ -444,7 +456,7 @@ def _proven_siblings(paths: Paths) -> frozenset[tuple[str, str]]:
     return frozenset(pairs)
 
 
-def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path]) -> frozenset[str]:
+def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, str]) -> frozenset[str]:
     """Link into the tree every file it lacks whose content a finalized release holds; the paths linked.
 
     The tree is out of rsync's reach and was checked to hold only directories and regular,
@@ -452,15 +464,21 @@ def _fill_from_held(tree: Path, files: list[ManifestEntry], held: dict[str, Path
     links join finalized releases only. A file system that cannot link gets a copy.
     """
     linked = set()
+    made: set[str] = set()
     for entry in files:
-        target = tree / entry["path"]
         source = held.get(entry["sha256"])
-        if source is None or target.exists():
+        if source is None:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = f"{tree}/{entry['path']}"
+        parent = target.rpartition("/")[0]
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
         try:
             os.link(source, target)
             linked.add(entry["path"])
+        except FileExistsError:
+            continue  # uploaded: checked like every uploaded file
         except OSError:
             shutil.copyfile(source, target)
     return frozenset(linked)
@@ -500,13 +518,9 @@ def begin(paths: Paths, release_id: str, manifest: bytes) -> Answer:
 def _signature(tree: Path) -> str:
     """A digest of every file's identity and change time: any write, chmod or utime changes it."""
     digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
-        for name in sorted(filenames):
-            info = (Path(dirpath) / name).lstat()
-            digest.update(
-                f"{dirpath}/{name}\0{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}\n".encode()
-            )
+    for rel, item in walk_files(tree):
+        info = item.stat(follow_symlinks=False)
+        digest.update(f"{rel}\0{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -521,7 +535,7 @@ def _record_signature(paths: Paths, release_id: str) -> None:
     check would leave the change time as it was (git's "racily clean" case).
     """
     tree = paths.release(release_id)
-    newest = max((p.lstat().st_ctime for p in tree.rglob("*")), default=0.0)
+    newest = max((item.stat(follow_symlinks=False).st_ctime for _, item in walk_files(tree)), default=0.0)
     if time.time() - newest > 1:
         atomic_write(_signature_file(paths, release_id), _signature(tree).encode(), 0o644)
     else:
