@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import pwd
 import random
 import re
 import resource
@@ -117,13 +118,61 @@ def site_sync(
     return Measure(seconds, _wire(relays), _phase_rtts(result.stderr, far, max(RTTS_MS) / 1000))
 
 
-def baseline(site: Path, targets: list[str], relays: list[Relay]) -> Measure:
-    """The 2018 method: rsync -az --delete into each node's live directory, one node after another."""
+def baseline(site: Path, targets: list[tuple[str, list[str]]], relays: list[Relay]) -> Measure:
+    """The 2018 method: rsync -az --delete into each node's live directory, one node after another.
+
+    Each target is an rsync destination and the options that reach it (a remote shell, or none).
+    """
     _wire(relays)
     started = time.perf_counter()
-    for target in targets:
-        subprocess.run(["rsync", "-az", "--delete", f"{site}/", target], check=True, timeout=1800)
+    for target, options in targets:
+        subprocess.run(["rsync", "-az", "--delete", *options, f"{site}/", target], check=True, timeout=1800)
     return Measure(time.perf_counter() - started, _wire(relays), {})
+
+
+@dataclass
+class PlainSshds:
+    """Plain sshds, one per node: their processes, ports and host keys, and the key that logs in."""
+
+    procs: list[subprocess.Popen[bytes]]
+    ports: list[int]
+    host_keys: list[str]
+    key: Path
+    user: str
+
+    def rsync_shell(self, known_hosts: Path) -> str:
+        """The ssh command line for `rsync -e`: this key only, the host keys pinned."""
+        return (
+            f"ssh -F /dev/null -i {self.key} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
+            f"-o UserKnownHostsFile={known_hosts} -o LogLevel=ERROR -l {self.user}"
+        )
+
+
+def start_plain_sshds(work: Path, addresses: list[str]) -> PlainSshds:
+    """One plain sshd per node on loopback, letting a bench key in: how the 2018 nodes were reached."""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    key = work / "baseline_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (work / "baseline_authorized_keys").write_text((work / "baseline_key.pub").read_text())
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    procs, ports, known = [], [], []
+    for i, address in enumerate(addresses):
+        host_key = work / f"baseline_host_{i}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+        port = free_port(address)
+        conf = work / f"sshd-{i}.conf"
+        conf.write_text(
+            f"Port {port}\nListenAddress {address}\nHostKey {host_key}\nPidFile {work}/sshd-{i}.pid\n"
+            f"AuthorizedKeysFile {work}/baseline_authorized_keys\nAllowUsers {user}\nStrictModes no\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\n"
+        )
+        procs.append(subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(conf), "-E", str(work / f"sshd-{i}.log")]))
+        ports.append(port)
+        known.append(" ".join(Path(f"{host_key}.pub").read_text().split()[:2]))
+    time.sleep(0.5)
+    return PlainSshds(procs, ports, known, key, user)
 
 
 def start_rsync_daemons(work: Path, addresses: list[str]) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
@@ -214,12 +263,34 @@ def main() -> None:
             )  # fmt: skip
 
         addresses = [n["address"] for n in description["nodes"]]
+        # The original method twice: over SSH, as the 2018 nodes were reached (each rsync pays an
+        # SSH handshake, as site_sync does), and to rsync daemons, a floor with no handshake at all.
         daemons, ports = start_rsync_daemons(work, addresses)
-        rsync_relays = [
+        daemon_relays = [
             relays.add(Relay((a, free_port(a)), (a, p), rtt, CAP_BYTES_PER_S))
             for a, p, rtt in zip(addresses, ports, RTTS_MS, strict=True)
         ]
-        targets = [f"rsync://{r.listen[0]}:{r.listen[1]}/live/" for r in rsync_relays]
+        daemon_targets: list[tuple[str, list[str]]] = [
+            (f"rsync://{r.listen[0]}:{r.listen[1]}/live/", []) for r in daemon_relays
+        ]
+        sshds = start_plain_sshds(work, addresses)
+        daemons += sshds.procs
+        ssh_baseline_relays = [
+            relays.add(Relay((a, free_port(a)), (a, p), rtt, CAP_BYTES_PER_S))
+            for a, p, rtt in zip(addresses, sshds.ports, RTTS_MS, strict=True)
+        ]
+        known_hosts = work / "baseline_known_hosts"
+        known_hosts.write_text(
+            "".join(
+                f"[{r.listen[0]}]:{r.listen[1]} {k}\n"
+                for r, k in zip(ssh_baseline_relays, sshds.host_keys, strict=True)
+            )
+        )
+        shell = sshds.rsync_shell(known_hosts)
+        ssh_targets = []
+        for i, r in enumerate(ssh_baseline_relays):
+            (work / f"ssh-live-{i}").mkdir()
+            ssh_targets.append((f"{r.listen[0]}:{work}/ssh-live-{i}/", ["-e", f"{shell} -p {r.listen[1]}"]))
         env = {**os.environ, "EDGECDN_CACHE_DIR": str(work / "cache")}
 
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -238,31 +309,37 @@ def main() -> None:
             for case, (command, site) in runs.items()
         }
         peak_mb = max(children_before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-        theirs = {
-            "(a) first deploy": baseline(site_v1, targets, rsync_relays),
-            "(b) one HTML file changed": baseline(site_v2, targets, rsync_relays),
-            "(c) nothing changed": baseline(site_v2, targets, rsync_relays),
-            "(d) rollback": baseline(site_v1, targets, rsync_relays),
-        }
-        # (a)'s target compares with one plain rsync to the slowest node (into an empty directory).
-        shutil.rmtree(work / f"live-{len(RTTS_MS) - 1}")
-        (work / f"live-{len(RTTS_MS) - 1}").mkdir()
-        single = baseline(site_v1, [targets[-1]], [rsync_relays[-1]])
+        baselines = {}
+        for name, targets, wires in (
+            ("ssh", ssh_targets, ssh_baseline_relays),
+            ("daemon", daemon_targets, daemon_relays),
+        ):
+            baselines[name] = {case: baseline(site, targets, wires) for case, (_, site) in runs.items()}
+            # (d): the original method's rollback is an upload of the old site.
+            baselines[name]["(d) rollback"] = baseline(site_v1, targets, wires)
+        # (a)'s target compares with one plain rsync (over SSH) to the slowest node, into an empty directory.
+        far_live = work / f"ssh-live-{len(RTTS_MS) - 1}"
+        shutil.rmtree(far_live)
+        far_live.mkdir()
+        single = baseline(site_v1, [ssh_targets[-1]], [ssh_baseline_relays[-1]])
         far_rtt = max(RTTS_MS) / 1000
         lines = [
-            "| case | site_sync | bytes/node | original method | bytes/node | ratio | site_sync in RTTs "
+            "| case | site_sync | bytes/node | in far RTTs | rsync over SSH (2018) | ratio | rsync daemon | ratio "
             "| far node's phases (RTTs) |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for case, m in ours.items():
-            b = theirs[case]
+            by_ssh, by_daemon = baselines["ssh"][case], baselines["daemon"][case]
             lines.append(
-                f"| {case} | {m.seconds:.1f} s | {m.bytes_per_node / 1e3:.0f} KB | {b.seconds:.1f} s | "
-                f"{b.bytes_per_node / 1e3:.0f} KB | {b.seconds / m.seconds:.2f}x faster | {m.seconds / far_rtt:.1f} | "
-                f"{m.rtts} |"
+                f"| {case} | {m.seconds:.1f} s | {m.bytes_per_node / 1e3:.0f} KB | {m.seconds / far_rtt:.1f} | "
+                f"{by_ssh.seconds:.1f} s | {by_ssh.seconds / m.seconds:.2f}x faster | "
+                f"{by_daemon.seconds:.1f} s | {by_daemon.seconds / m.seconds:.2f}x faster | {m.rtts} |"
             )
         first = ours["(a) first deploy"].seconds
-        lines.append(f"\n(a) against one plain rsync to the slowest node: {first / single.seconds:.2f}x its time")
+        lines.append(
+            f"\n(a) against one plain rsync over SSH to the slowest node ({single.seconds:.1f} s): "
+            f"{first / single.seconds:.2f}x its time"
+        )
         lines.append(f"site_sync peak memory (largest child process): {peak_mb:.0f} MB")
         for name, value in (big_site_figures(work, args.big_site_files) if args.big_site_files else {}).items():
             lines.append(f"{args.big_site_files}-file site: {name}: {value}")

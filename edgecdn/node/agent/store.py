@@ -345,8 +345,9 @@ def finalize(paths: Paths, release_id: str, inline: bytes = b"") -> Answer:
     try:
         _check_structure(checking)
         _write_inline(checking, files, inline)
-        held, proven = _held_contents(paths), _proven_siblings(paths)
-        with _keeping_signatures(paths):
+        signed = [r for r in _release_names(paths.releases) if _signature_matches(paths, r)]
+        held, proven = _held_contents(paths, signed), _proven_siblings(paths)
+        with _keeping_signatures(paths, signed):
             linked = _fill_from_held(checking, files, held)
         verify_tree(checking, files, proven, linked)
         rules = compile_rules(checking)
@@ -422,11 +423,14 @@ def _upload(paths: Paths, release_id: str) -> dict[str, Any]:
     return record
 
 
-def _held_contents(paths: Paths) -> dict[str, str]:
-    """Every file content this node holds in an intact finalized release, by SHA-256: its path."""
+def _held_contents(paths: Paths, signed: list[str] | None = None) -> dict[str, str]:
+    """Every file content this node holds in an intact finalized release, by SHA-256: its path.
+
+    `signed`: releases already seen to match their signatures (not checked again).
+    """
     held: dict[str, str] = {}
     for release in _release_names(paths.releases):
-        if not intact(paths, release):
+        if release not in (signed or []) and not intact(paths, release):
             continue  # an altered release lends nothing to a new one
         try:
             prefix = f"{paths.releases}/{release}/"
@@ -550,13 +554,13 @@ def _signature_matches(paths: Paths, release_id: str) -> bool:
 
 
 @contextlib.contextmanager
-def _keeping_signatures(paths: Paths) -> Iterator[None]:
+def _keeping_signatures(paths: Paths, signed: list[str] | None = None) -> Iterator[None]:
     """Around linking or deleting files: record again the signatures that held before.
 
     Releases share files by hard links, and a link made or removed moves the shared file's
     change time, which would send every release holding it to a full check for nothing.
     """
-    valid = [r for r in _release_names(paths.releases) if _signature_matches(paths, r)]
+    valid = [r for r in _release_names(paths.releases) if _signature_matches(paths, r)] if signed is None else signed
     yield
     for release_id in valid:
         if paths.release(release_id).is_dir():
