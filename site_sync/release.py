@@ -89,7 +89,7 @@ def _name_problem(rel: str) -> str | None:
 class _Walk:
     root: Path
     follow_external: bool
-    found: list[tuple[str, Path, os.stat_result]] = field(default_factory=list)
+    found: list[tuple[str, str, int, str]] = field(default_factory=list)  # rel, path, size, stat key
     problems: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
 
@@ -140,7 +140,7 @@ class _Walk:
         elif not os.access(path, os.R_OK):
             self.problems.append(f"{rel}: cannot be read (permissions); make it readable or remove it")
         else:
-            self.found.append((rel, path, info))
+            self.found.append((rel, str(path), info.st_size, Cache.stat_key(info)))
 
 
 def _listing(problems: list[str]) -> str:
@@ -164,19 +164,19 @@ def check_limits(count: int, total: int) -> None:
         )
 
 
-def _hashes(found: list[tuple[str, Path, os.stat_result]], cache: Cache | None) -> list[str]:
-    known = cache.known_hashes("/") if cache is not None else {}
-    keys = [Cache.stat_key(info) for _, _, info in found]
+def _hashes(root: Path, found: list[tuple[str, str, int, str]], cache: Cache | None) -> list[str]:
+    # Only the site's own entries are loaded (files reached through external links are hashed again).
+    known = cache.known_hashes(f"{root}/") if cache is not None else {}
     results: list[str | None] = [
-        known[str(path)][1] if known.get(str(path), ("", ""))[0] == key else None
-        for (_, path, _), key in zip(found, keys, strict=True)
+        known[path][1] if known.get(path, ("", ""))[0] == key else None for _, path, _, key in found
     ]
+    del known
     missing = [i for i, sha in enumerate(results) if sha is None]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for i, sha in zip(missing, pool.map(lambda i: file_sha256(found[i][1]), missing), strict=True):
+        for i, sha in zip(missing, pool.map(lambda i: file_sha256(Path(found[i][1])), missing), strict=True):
             results[i] = sha
             if cache is not None:
-                cache.remember(str(found[i][1]), keys[i], sha)
+                cache.remember(found[i][1], found[i][3], sha)
     if cache is not None:
         cache.flush()
     return [sha for sha in results if sha is not None]
@@ -199,9 +199,9 @@ def scan_site(site_dir: Path, cache: Cache | None = None, follow_external: bool 
         raise SiteError(
             f"{len(walk.problems)} paths in {site_dir} cannot be published:\n{_listing(walk.problems)}\n{advice}"
         )
-    check_limits(len(walk.found), sum(info.st_size for _, _, info in walk.found))
-    hashes = _hashes(walk.found, cache)
-    files = [SiteFile(rel, info.st_size, sha, path) for (rel, path, info), sha in zip(walk.found, hashes, strict=True)]
+    check_limits(len(walk.found), sum(size for _, _, size, _ in walk.found))
+    hashes = _hashes(root, walk.found, cache)
+    files = [SiteFile(rel, size, sha, Path(path)) for (rel, path, size, _), sha in zip(walk.found, hashes, strict=True)]
     files.sort(key=lambda f: f.path)
     by_case: dict[str, list[str]] = {}
     for f in files:
