@@ -3,7 +3,9 @@
 Hashing a 100,000-file site on every `pulumi up` would cost minutes, and brotli at quality 11
 costs seconds per megabyte; both results depend only on what they are computed from, so they
 are kept: a hash while the file's path, size, mtime, ctime and inode are unchanged, a compressed
-sibling forever (named by the SHA-256 of its source). Losing the cache only costs time.
+sibling forever (named by the SHA-256 of its source). It also remembers which releases each
+node (by its host key) held when last seen, so a deploy of a release a node holds sends it no
+manifest. Losing the cache only costs time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SCHEMA = 1
@@ -40,6 +42,7 @@ class Cache:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, stat TEXT NOT NULL, sha256 TEXT NOT NULL)"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS nodes (host_key TEXT PRIMARY KEY, releases TEXT NOT NULL)")
         self._pending: list[tuple[str, str, str]] = []
 
     @staticmethod
@@ -64,6 +67,16 @@ class Cache:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", self._pending)
             self._pending.clear()
+
+    def releases_on(self, host_key: str) -> set[str]:
+        """The releases a node held when last seen (nothing known: empty)."""
+        row = self._db.execute("SELECT releases FROM nodes WHERE host_key = ?", (host_key,)).fetchone()
+        return set(row[0].split()) if row else set()
+
+    def remember_releases(self, host_key: str, releases: Iterable[str]) -> None:
+        """Record what a node holds now."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?)", (host_key, " ".join(sorted(releases))))
 
     def sibling(self, sha256: str, ext: str) -> Path:
         """Where the compressed sibling (ext: .br or .gz) of a content is kept."""

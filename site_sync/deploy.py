@@ -156,17 +156,20 @@ class Fleet:
         """Run an action on a node, retrying transport failures with backoff."""
         return with_retries(action, f"{node.name}: {what}", self.progress.log)
 
-    def gather(self, wait_seconds: float, begin: tuple[str, bytes] | None = None) -> dict[str, NodeStatus]:
+    def gather(
+        self, wait_seconds: float, begin: tuple[str, bytes] | None = None, holding: frozenset[str] = frozenset()
+    ) -> dict[str, NodeStatus]:
         """Every node's status (after taking its lease); DeployError naming each node that failed.
 
         With `begin` (a release id and its manifest), each node also begins the upload and
-        answers which files it lacks (kept in `needed`).
+        answers which files it lacks (kept in `needed`), except the nodes known to be `holding`
+        that release already: they are sent no manifest.
         """
 
         def one(node: NodeTarget) -> NodeStatus:
             self.progress.node(node.name, "connecting")
             agent = self.agent(node)
-            status = self._leased_status(agent, begin) if self.lease else None
+            status = self._leased_status(agent, None if node.name in holding else begin) if self.lease else None
             if status is None:
                 # A new node may still be booting: wait for it, then take the lease.
                 status = agent.wait_until_ready(wait_seconds, self.progress.log)
@@ -255,9 +258,12 @@ def deploy(
     chain = normalize_pem(handoff.certificate_chain)
     certificate = (normalize_pem(handoff.certificate_key) + chain).encode()
     report = Report("seed" if options.seed else "deploy", release.release_id)
+    with open_cache(options.cache_dir) as cache:
+        holding = frozenset(n.name for n in handoff.nodes if release.release_id in cache.releases_on(n.host_key))
     with fleet(handoff, progress) as nodes, tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir:
         begin = None if options.dry_run else (release.release_id, release.manifest())
-        statuses = nodes.gather(options.wait_seconds, begin)
+        statuses = nodes.gather(options.wait_seconds, begin, holding)
+        _remember(options.cache_dir, handoff, {name: set(s["releases"]) for name, s in statuses.items()})
         for name, status in statuses.items():
             report.nodes[name] = NodeReport(name, before=status["active"], after=status["active"])
         try:
@@ -282,12 +288,24 @@ def deploy(
             progress.log(f"every node already serves {release.release_id} with this certificate; nothing to do")
             return report
         _stage(nodes, plan, release, certificate, Path(upload_dir), report)
+        staged = {p.node.name for p in plan.nodes if p.upload and report.nodes[p.node.name].error is None}
+        _remember(
+            options.cache_dir, handoff, {name: {*statuses[name]["releases"], release.release_id} for name in staged}
+        )
         _publish(nodes, plan, release.release_id, report)
         touched = tuple(p.node for p in plan.nodes if report.nodes[p.node.name].error is None)
         _verify(nodes, touched, release.release_id, options.ca_file, report)
     if any(n.error for n in report.nodes.values()):
         report.outcome = "partial"
     return report
+
+
+def _remember(cache_dir: Path | None, handoff: Handoff, held: dict[str, set[str]]) -> None:
+    """Record what these nodes hold, so the next deploy of a release they hold sends no manifest."""
+    keys = {n.name: n.host_key for n in handoff.nodes}
+    with open_cache(cache_dir) as cache:
+        for name, releases in held.items():
+            cache.remember_releases(keys[name], releases)
 
 
 def _stage(

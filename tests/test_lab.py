@@ -1060,9 +1060,20 @@ def test_a_change_too_large_to_send_with_finalize_travels_by_rsync(lab: Lab, ver
     assert lab.get("/").body.startswith(b"<!doctype html><h1>version three")
 
 
-def test_a_redeploy_of_what_every_node_holds_sends_nothing(lab: Lab, versions):
+def test_a_redeploy_of_what_every_node_holds_sends_nothing(lab: Lab, versions, monkeypatch):
+    from site_sync.transport import Agent
+
+    _deploy(lab, versions["one"])  # the deployer now knows what every node holds
+    sent: list[tuple[str, int]] = []
+    real_call = Agent.call
+    monkeypatch.setattr(
+        Agent,
+        "call",
+        lambda self, *w, **kw: sent.append((w[0], len(kw.get("stdin", b"")))) or real_call(self, *w, **kw),
+    )
     report = _deploy(lab, versions["one"])
-    assert report.outcome == "ok" and all(n.files_sent == 0 for n in report.nodes.values())
+    assert report.outcome == "unchanged" and all(n.files_sent == 0 for n in report.nodes.values())
+    assert sent and all(size == 0 for _, size in sent), f"no manifest, no file: {sent}"
     assert lab.get("/").body.startswith(b"<!doctype html><h1>version one")
 
 
