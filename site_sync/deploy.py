@@ -144,7 +144,7 @@ class Fleet:
     progress: Progress
     agents: dict[str, Agent] = field(default_factory=dict)
     needed: dict[str, list[str]] = field(default_factory=dict)  # from the gather, per node
-    released: set[str] = field(default_factory=set)  # nodes whose lease `publish` ended
+    leased: set[str] = field(default_factory=set)  # nodes where this command holds the lease
 
     def agent(self, node: NodeTarget) -> Agent:
         """The node's agent (one connection per node for the whole command)."""
@@ -175,6 +175,7 @@ class Fleet:
                 status = agent.wait_until_ready(wait_seconds, self.progress.log)
                 if self.lease:
                     self.retried(node, "lease", lambda: agent.call("lease", str(LEASE_SECONDS)))
+                    self.leased.add(node.name)
             self.progress.node(node.name, f"ready, serves {status['active'] or 'nothing'}")
             return status
 
@@ -200,17 +201,28 @@ class Fleet:
             if exc.code == "busy" or (begin is not None and exc.code != "refused"):
                 raise
             return None  # a booting node's bootstrap agent takes only status and its bundle
+        self.leased.add(agent.node.name)
         upload = answer.get("upload")
         if isinstance(upload, dict) and isinstance(upload.get("needed"), list):
             self.needed[agent.node.name] = [str(p) for p in upload["needed"]]
         return agent.status({"ok": True, **answer.get("status", {})})
+
+    def connect_all(self) -> Callable[[], None]:
+        """Open every node's connection in the background; the function returned waits for them.
+
+        The SSH handshake (about eight round trips) then overlaps reading and hashing the site.
+        """
+        pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, max(len(self.handoff.nodes), 1)))
+        for node in self.handoff.nodes:
+            pool.submit(self.agent(node).connect)
+        return lambda: pool.shutdown(wait=True)
 
     def release_leases(self) -> None:
         """End the leases and close the connections (best effort: a lease also expires by itself)."""
 
         def one(node: NodeTarget) -> None:
             agent = self.agents[node.name]
-            if self.lease and node.name not in self.released:
+            if node.name in self.leased:
                 with suppress(TransportError, AgentRefusedError):
                     agent.call("unlease", timeout=30)
             agent.close()
@@ -254,13 +266,15 @@ def deploy(
 ) -> Report:
     """Push the site and certificate to every node and switch them together (see the module header)."""
     progress = progress or PlainProgress(sys.stdout)
-    release = _prepare(handoff, site_dir, options, progress)
     chain = normalize_pem(handoff.certificate_chain)
     certificate = (normalize_pem(handoff.certificate_key) + chain).encode()
-    report = Report("seed" if options.seed else "deploy", release.release_id)
-    with open_cache(options.cache_dir) as cache:
-        holding = frozenset(n.name for n in handoff.nodes if release.release_id in cache.releases_on(n.host_key))
     with fleet(handoff, progress) as nodes, tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir:
+        connected = nodes.connect_all()
+        release = _prepare(handoff, site_dir, options, progress)
+        connected()
+        report = Report("seed" if options.seed else "deploy", release.release_id)
+        with open_cache(options.cache_dir) as cache:
+            holding = frozenset(n.name for n in handoff.nodes if release.release_id in cache.releases_on(n.host_key))
         begin = None if options.dry_run else (release.release_id, release.manifest())
         statuses = nodes.gather(options.wait_seconds, begin, holding)
         _remember(options.cache_dir, handoff, {name: set(s["releases"]) for name, s in statuses.items()})
@@ -367,7 +381,7 @@ def _publish(nodes: Fleet, plan: FleetPlan, release_id: str, report: Report) -> 
         answer = nodes.retried(
             node, "publish", lambda: nodes.agent(node).call("publish", release_id, str(KEEP_RELEASES))
         )
-        nodes.released.add(node.name)
+        nodes.leased.discard(node.name)
         report.nodes[node.name].after = release_id
         nodes.progress.node(node.name, f"serves {release_id}")
         if "prune_error" in answer:

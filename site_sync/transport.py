@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -225,6 +225,17 @@ class Agent:
                 raise AgentRefusedError(self.node.name, "upload", str(refused.get("message")))
             detail = result.stderr.decode(errors="replace").strip().splitlines()
             raise TransportError(f"{self.node.name}: upload failed: {(detail or ['rsync failed'])[-1][:300]}")
+
+    def connect(self) -> None:
+        """Open the shared connection ahead of the first request (no command runs); errors are left to it."""
+        if self.creds.control_dir is None:
+            return
+        # -f: ssh goes to the background once authenticated, as the master; its output goes nowhere,
+        # since a pipe it held open would keep this call waiting for as long as the master lives.
+        argv = [*ssh_options(self.creds, self.node), "-N", "-f", self.node.address]
+        quiet = subprocess.DEVNULL
+        with suppress(subprocess.TimeoutExpired):
+            subprocess.run(argv, stdin=quiet, stdout=quiet, stderr=quiet, timeout=2 * SSH_CONNECT_TIMEOUT, check=False)
 
     def close(self) -> None:
         """Close the shared connection, if one is open."""

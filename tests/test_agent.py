@@ -205,6 +205,15 @@ def test_a_deploy_lease_turns_a_second_deployer_away_until_it_ends(node, monkeyp
     assert remote(node, "rollback")[1]["error"] == "missing", "no lease, no waiting"
 
 
+def test_only_the_holder_ends_a_lease(node):
+    holder, other = "a" * 32, "b" * 32
+    assert remote(node, f"lease={holder} lease 60")[0] == ExitCode.OK
+    assert remote(node, f"lease={other} unlease")[0] == ExitCode.BUSY
+    assert remote(node, "unlease")[0] == ExitCode.BUSY
+    assert remote(node, "rollback")[0] == ExitCode.BUSY, "the lease still holds"
+    assert remote(node, f"lease={holder} unlease")[0] == ExitCode.OK
+
+
 def test_renewing_a_lease_cannot_hold_a_node_forever(node, monkeypatch):
     holder, other = "d" * 32, "e" * 32
     real_time = time.time

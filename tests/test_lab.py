@@ -1089,6 +1089,8 @@ def test_a_second_deploy_at_once_is_told_busy_and_changes_nothing(lab: Lab, vers
     assert lab.agent(f"lease={token}", "lease", "60", node=1)["ok"] is True  # a deploy from elsewhere
     try:
         result = _site_sync(lab, "deploy", site=versions["two"])
+        held = lab.ssh("rollback", node=1)  # the deploy that was turned away left the lease alone
+        assert held.returncode == 4 and b"another deploy" in held.stdout, held.stdout
     finally:
         lab.agent(f"lease={token}", "unlease", node=1)
     assert result.returncode == 4, result.stderr

@@ -159,6 +159,7 @@ def _take_lease(request: Request) -> Answer:
 
 
 def _drop_lease(request: Request) -> Answer:
+    check_lease(request.paths, request.lease)  # only the holder ends a lease
     _lease_file(request.paths).unlink(missing_ok=True)
     return {"lease": "released"}
 
@@ -315,8 +316,7 @@ def dispatch(words: list[str], paths: Paths, stdin: BinaryIO, local: bool, clien
     if not verb.changes_state:
         return verb.run(request)
     with state_lock(paths):
-        if verb.run is not _drop_lease:
-            check_lease(paths, lease)
+        check_lease(paths, lease)
         return verb.run(request)
 
 
