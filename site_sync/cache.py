@@ -11,11 +11,14 @@ manifest. Losing the cache only costs time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from edgecdn.contract import LEASE_TOKEN
 
 SCHEMA = 1
 
@@ -102,6 +105,41 @@ class Cache:
         """Flush and close the hash database."""
         self.flush()
         self._db.close()
+
+
+@contextlib.contextmanager
+def lease_token(root: Path | None, new: Callable[[], str]) -> Iterator[tuple[str, Callable[[bool], None]]]:
+    """This machine's deploy lease token, and a function to call with whether every node let go of it.
+
+    A deploy that lost a node mid-way cannot end that node's lease, which then holds for up to
+    15 minutes; the token is kept, so the next deploy from this machine carries on with that
+    lease instead of being told "busy" by its own earlier run. A deploy running meanwhile from
+    the same machine (the lock is taken) gets a fresh token, and so a "busy", as from anywhere else.
+    """
+    root = root or default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stored = root / "lease-token"
+    with open(root / "lease.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield new(), lambda released: None
+            return
+        try:
+            token = stored.read_text().strip()
+        except OSError:
+            token = ""
+        if not LEASE_TOKEN.match(token):
+            token = new()
+            fd = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+
+        def settle(released: bool) -> None:
+            if released:
+                stored.unlink(missing_ok=True)
+
+        yield token, settle
 
 
 @contextlib.contextmanager

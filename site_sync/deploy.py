@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from edgecdn.contract import MAX_INLINE_BYTES, NodeStatus, leaf_fingerprint, pack_inline
 from site_sync.build import Release, prepare_release
-from site_sync.cache import open_cache
+from site_sync.cache import lease_token, open_cache
 from site_sync.handoff import Handoff, NodeTarget
 from site_sync.plan import FleetPlan, NodePlan, PlanError, plan_deploy, plan_rollback
 from site_sync.probe import check_health
@@ -225,20 +225,25 @@ class Fleet:
             if node.name in self.leased:
                 with suppress(TransportError, AgentRefusedError):
                     agent.call("unlease", timeout=30)
+                    self.leased.discard(node.name)
             agent.close()
 
         _parallel(one, tuple(n for n in self.handoff.nodes if n.name in self.agents))
 
 
 @contextmanager
-def fleet(handoff: Handoff, progress: Progress, lease: bool = True) -> Iterator[Fleet]:
-    """Credentials, connections and leases for the length of one command."""
-    with credentials(handoff.deploy_key, handoff.nodes) as creds:
-        nodes = Fleet(handoff, creds, new_lease_token() if lease else None, progress)
+def fleet(handoff: Handoff, progress: Progress, lease: bool = True, cache_dir: Path | None = None) -> Iterator[Fleet]:
+    """Credentials, connections and leases (unless only reading) for the length of one command."""
+    no_lease: tuple[str | None, Callable[[bool], None]] = (None, lambda released: None)
+    leasing = lease_token(cache_dir, new_lease_token) if lease else nullcontext(no_lease)
+    with credentials(handoff.deploy_key, handoff.nodes) as creds, leasing as held:
+        token, settle = held
+        nodes = Fleet(handoff, creds, token, progress)
         try:
             yield nodes
         finally:
             nodes.release_leases()
+            settle(not nodes.leased)
 
 
 def _prepare(handoff: Handoff, site_dir: Path, options: DeployOptions, progress: Progress) -> Release:
@@ -268,7 +273,10 @@ def deploy(
     progress = progress or PlainProgress(sys.stdout)
     chain = normalize_pem(handoff.certificate_chain)
     certificate = (normalize_pem(handoff.certificate_key) + chain).encode()
-    with fleet(handoff, progress) as nodes, tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir:
+    with (
+        fleet(handoff, progress, cache_dir=options.cache_dir) as nodes,
+        tempfile.TemporaryDirectory(prefix="edgecdn-upload-") as upload_dir,
+    ):
         connected = nodes.connect_all()
         release = _prepare(handoff, site_dir, options, progress)
         connected()
@@ -454,7 +462,7 @@ def rollback(
 ) -> Report:
     """Every node back to the previous (or the named) release: no upload, checked on every node first."""
     progress = progress or PlainProgress(sys.stdout)
-    with fleet(handoff, progress) as nodes:
+    with fleet(handoff, progress, cache_dir=options.cache_dir) as nodes:
         statuses = nodes.gather(options.wait_seconds)
         try:
             plan = plan_rollback(handoff.nodes, statuses, to)

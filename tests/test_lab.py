@@ -7,12 +7,14 @@ deploys, certificate changes and rollbacks that change what the nodes serve.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -886,6 +888,118 @@ def test_failed_staging_switches_no_node_and_a_rerun_completes(lab: Lab, sites, 
     assert report.outcome == "ok" and {n.after for n in report.nodes.values()} == {release_id_of(site)}
     first = lab_module.handoff_for(lab.description, sites["first"])
     deploy(first, sites["first"], DeployOptions(ca_file=lab.ca), LinesProgress())  # as the tests after expect
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        found.extend(kids := children.get(pending.pop(), []))
+        pending.extend(kids)
+    return found
+
+
+def _kill_sshd(lab: Lab, node: int) -> None:
+    """A node's SSH server dies with every connection it holds, as when the node goes away."""
+    name = lab.nodes[node]["name"]
+    process = next(p for p in lab.description["processes"] if p["node"] == name and p["kind"] == "sshd")
+    for pid in [process["pid"], *_descendants(process["pid"])]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(process["pid"], 0)
+
+
+def _restart_sshd(lab: Lab, node: int) -> None:
+    name = lab.nodes[node]["name"]
+    process = next(p for p in lab.description["processes"] if p["node"] == name and p["kind"] == "sshd")
+    log = Path(process["config"]).with_name("sshd.log")
+    started = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-f", process["config"], "-E", str(log)], start_new_session=True
+    )  # fmt: skip
+    process["pid"] = started.pid  # `lab down` stops it
+    (lab.dir / "lab.json").write_text(json.dumps(lab.description, indent=2))
+    deadline = time.monotonic() + 10
+    while lab.ssh("status", node=node).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+class _OnState(LinesProgress):
+    """Progress that does something once, when a node reaches a state."""
+
+    def __init__(self, node: str, state: str, action) -> None:
+        super().__init__()
+        self.trigger, self.action = (node, state), action
+
+    def node(self, name: str, state: str) -> None:
+        super().node(name, state)
+        if self.trigger and name == self.trigger[0] and state.startswith(self.trigger[1]):
+            self.trigger = None
+            self.action()
+
+
+def _new_version(versions: dict[str, Path], tmp_path: Path, text: str) -> Path:
+    site = tmp_path / text.replace(" ", "-")
+    shutil.copytree(versions["one"], site)
+    (site / "index.html").write_bytes(f"<!doctype html><h1>{text}</h1>".encode() * 20)
+    return site
+
+
+def test_a_node_whose_ssh_dies_while_staging_switches_no_node(lab: Lab, versions, tmp_path: Path):
+    _deploy(lab, versions["one"])
+    site = _new_version(versions, tmp_path, "ssh dies")
+    progress = _OnState("lab-2", "comparing", lambda: _kill_sshd(lab, 1))
+    try:
+        with pytest.raises(DeployError, match="no node was switched") as info:
+            deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), progress)
+    finally:
+        _restart_sshd(lab, 1)
+    assert "lab-2" in str(info.value) and not info.value.changed
+    assert any("retry 3 of 3" in line for line in progress.lines), "transport failures were retried"
+    assert [lab.get("/", n).body.startswith(b"<!doctype html><h1>version one") for n in range(2)] == [True, True]
+    assert _deploy(lab, site).outcome == "ok", "running it again completes the deploy"
+    _deploy(lab, versions["one"])
+
+
+def test_a_node_lost_between_staging_and_switching_sends_the_others_back(lab: Lab, versions, tmp_path: Path):
+    _deploy(lab, versions["one"])
+    site = _new_version(versions, tmp_path, "lost before the switch")
+    progress = _OnState("lab-2", "staged", lambda: _kill_sshd(lab, 1))
+    try:
+        with pytest.raises(DeployError, match="every node that had switched went back") as info:
+            deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), progress)
+    finally:
+        _restart_sshd(lab, 1)
+    assert not info.value.changed
+    for n in range(2):
+        assert lab.get("/", n).body.startswith(b"<!doctype html><h1>version one"), "one release everywhere"
+        assert lab.agent("status", node=n)["active"] == release_id_of(versions["one"])
+    assert _deploy(lab, site).outcome == "ok", "running it again completes the deploy"
+    _deploy(lab, versions["one"])
+
+
+def test_a_staged_file_corrupted_on_a_node_is_never_served(lab: Lab, versions, tmp_path: Path, monkeypatch):
+    import site_sync.deploy
+
+    _deploy(lab, versions["one"])
+    site = _new_version(versions, tmp_path, "corrupted in staging")
+    staged = lab.node_dir(1) / "srv" / "staging" / release_id_of(site) / "index.html"
+    monkeypatch.setattr(site_sync.deploy, "MAX_INLINE_BYTES", 0)  # by rsync, into staging
+    progress = _OnState("lab-2", "verifying", lambda: staged.write_bytes(b"<h1>corrupted</h1>".ljust(900)))
+    with pytest.raises(DeployError, match="no node was switched") as info:
+        deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), progress)
+    assert "does not match the manifest" in str(info.value)
+    for n in range(2):
+        assert lab.get("/", n).body.startswith(b"<!doctype html><h1>version one")
+    assert _deploy(lab, site).outcome == "ok", "running it again uploads it again"
+    assert lab.get("/", 1).body.startswith(b"<!doctype html><h1>corrupted in staging")
+    _deploy(lab, versions["one"])
 
 
 def test_deploy_cli_switches_every_node_and_keeps_old_assets_reachable(lab: Lab, sites):
