@@ -29,6 +29,7 @@ from edgecdn.contract import release_id_of as contract_release_id
 from site_sync.cache import Cache
 
 MAX_LISTED = 40  # problems shown in one message; the count says how many more
+HASH_BATCH = 2000
 
 
 class SiteError(Exception):
@@ -173,12 +174,15 @@ def _hashes(root: Path, found: list[tuple[str, str, int, str]], cache: Cache | N
     del known
     missing = [i for i, sha in enumerate(results) if sha is None]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for i, sha in zip(missing, pool.map(lambda i: file_sha256(Path(found[i][1])), missing), strict=True):
-            results[i] = sha
+        # In batches: pool.map queues every task at once, and 100,000 of them cost 100 MB.
+        for start in range(0, len(missing), HASH_BATCH):
+            batch = missing[start : start + HASH_BATCH]
+            for i, sha in zip(batch, pool.map(lambda i: file_sha256(Path(found[i][1])), batch), strict=True):
+                results[i] = sha
+                if cache is not None:
+                    cache.remember(found[i][1], found[i][3], sha)
             if cache is not None:
-                cache.remember(found[i][1], found[i][3], sha)
-    if cache is not None:
-        cache.flush()
+                cache.flush()
     return [sha for sha in results if sha is not None]
 
 
