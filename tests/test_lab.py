@@ -951,16 +951,24 @@ def _new_version(versions: dict[str, Path], tmp_path: Path, text: str) -> Path:
     return site
 
 
-def test_a_node_whose_ssh_dies_while_staging_switches_no_node(lab: Lab, versions, tmp_path: Path):
+def _deploy_losing_a_node(lab: Lab, versions, tmp_path: Path, text: str, state: str, outcome: str):
+    """Deploy a new version while lab-2's SSH dies when it reaches `state`; the site, progress and error."""
     _deploy(lab, versions["one"])
-    site = _new_version(versions, tmp_path, "ssh dies")
-    progress = _OnState("lab-2", "comparing", lambda: _kill_sshd(lab, 1))
+    site = _new_version(versions, tmp_path, text)
+    progress = _OnState("lab-2", state, lambda: _kill_sshd(lab, 1))
     try:
-        with pytest.raises(DeployError, match="no node was switched") as info:
+        with pytest.raises(DeployError, match=outcome) as info:
             deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), progress)
     finally:
         _restart_sshd(lab, 1)
-    assert "lab-2" in str(info.value) and not info.value.changed
+    return site, progress, info.value
+
+
+def test_a_node_whose_ssh_dies_while_staging_switches_no_node(lab: Lab, versions, tmp_path: Path):
+    site, progress, error = _deploy_losing_a_node(
+        lab, versions, tmp_path, "ssh dies", "comparing", "no node was switched"
+    )
+    assert "lab-2" in str(error) and not error.changed
     assert any("retry 3 of 3" in line for line in progress.lines), "transport failures were retried"
     assert [lab.get("/", n).body.startswith(b"<!doctype html><h1>version one") for n in range(2)] == [True, True]
     assert _deploy(lab, site).outcome == "ok", "running it again completes the deploy"
@@ -968,15 +976,9 @@ def test_a_node_whose_ssh_dies_while_staging_switches_no_node(lab: Lab, versions
 
 
 def test_a_node_lost_between_staging_and_switching_sends_the_others_back(lab: Lab, versions, tmp_path: Path):
-    _deploy(lab, versions["one"])
-    site = _new_version(versions, tmp_path, "lost before the switch")
-    progress = _OnState("lab-2", "staged", lambda: _kill_sshd(lab, 1))
-    try:
-        with pytest.raises(DeployError, match="every node that had switched went back") as info:
-            deploy(lab_module.handoff_for(lab.description, site), site, DeployOptions(ca_file=lab.ca), progress)
-    finally:
-        _restart_sshd(lab, 1)
-    assert not info.value.changed
+    went_back = "every node that had switched went back"
+    site, _, error = _deploy_losing_a_node(lab, versions, tmp_path, "lost before the switch", "staged", went_back)
+    assert not error.changed
     for n in range(2):
         assert lab.get("/", n).body.startswith(b"<!doctype html><h1>version one"), "one release everywhere"
         assert lab.agent("status", node=n)["active"] == release_id_of(versions["one"])
