@@ -145,6 +145,7 @@ class Fleet:
     agents: dict[str, Agent] = field(default_factory=dict)
     needed: dict[str, list[str]] = field(default_factory=dict)  # from the gather, per node
     leased: set[str] = field(default_factory=set)  # nodes where this command holds the lease
+    connecting: ThreadPoolExecutor | None = None
 
     def agent(self, node: NodeTarget) -> Agent:
         """The node's agent (one connection per node for the whole command)."""
@@ -215,10 +216,13 @@ class Fleet:
         pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, max(len(self.handoff.nodes), 1)))
         for node in self.handoff.nodes:
             pool.submit(self.agent(node).connect)
+        self.connecting = pool
         return lambda: pool.shutdown(wait=True)
 
     def release_leases(self) -> None:
         """End the leases and close the connections (best effort: a lease also expires by itself)."""
+        if self.connecting is not None:
+            self.connecting.shutdown(wait=True)  # a connection opened after its close would linger
 
         def one(node: NodeTarget) -> None:
             agent = self.agents[node.name]
