@@ -288,5 +288,5 @@ def test_the_shipped_agent_runs_alone_with_the_system_python(tmp_path):
     result = subprocess.run([str(launcher), "help"], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     answer = json.loads(result.stdout)
     assert result.returncode == 2 and answer["ok"] is False, result.stderr
-    assert "verbs: status, begin ID < input, finalize ID, activate ID" in answer["message"]
+    assert "verbs: status, begin ID < input, finalize ID < input, activate ID, publish ID N" in answer["message"]
     assert not list(tmp_path.rglob("__pycache__")), "no bytecode is written beside the reviewed source"
